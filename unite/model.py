@@ -367,9 +367,11 @@ class UNITE(nn.Module):
         return self.latent_norm(x_hat) if normalize else x_hat
 
     # ----------------------------------------------------------------- training losses
-    def velocity(self, x: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
-        """Velocity that carries x_t to x by t = 1, with 1 - t clamped at velocity_eps."""
-        return (x - x_t) / (1 - t).clamp_min(self.cfg.velocity_eps).view(-1, 1, 1)
+    def velocity(self, x: Tensor, x_t: Tensor, t: Tensor, eps: float | None = None) -> Tensor:
+        """Velocity that carries x_t to x by t = 1, with 1 - t clamped at eps (default
+        cfg.velocity_eps)."""
+        eps = self.cfg.velocity_eps if eps is None else eps
+        return (x - x_t) / (1 - t).clamp_min(eps).view(-1, 1, 1)
 
     def flow_matching_loss(self, x1: Tensor, x0: Tensor, t: Tensor, labels: Tensor) -> Tensor:
         """One flow draw: mean squared velocity error, averaged over tokens, channels and batch."""
@@ -387,10 +389,11 @@ class UNITE(nn.Module):
         drop = torch.rand(labels.shape, device=labels.device) < self.cfg.label_drop_prob
         return torch.where(drop, torch.full_like(labels, self.null_label), labels)
 
-    def training_loss(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    def forward(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
         """The joint step's loss: reconstruction (L1 + LPIPS) + flow matching over K draws.
 
-        Returns `loss` (to back-propagate) and its parts `recon`, `l1`, `lpips`, `flow`."""
+        Returns `loss` (to back-propagate) and its parts `recon`, `l1`, `lpips`, `flow`.
+        It is `forward` so that DistributedDataParallel wraps the whole training step."""
         cfg = self.cfg
         self.check_images(images)
         self.check_labels(labels, allow_null=False)
