@@ -51,10 +51,11 @@ def sincos_2d_with_cls(grid_size: int, dim: int) -> Tensor:
 def rope_tables(num_positions: int, head_dim: int) -> tuple[Tensor, Tensor]:
     """1-D RoPE cos/sin of shape (num_positions, head_dim); each frequency drives two adjacent
     channels, frequencies 1/10000^(2k/head_dim)."""
-    freqs = 1.0 / 10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    angles = torch.arange(num_positions, dtype=torch.float64)[:, None] * freqs[None]
+    # float32 throughout, as the reference computes it (float64 differs by ~1e-5 at far positions).
+    freqs = 1.0 / 10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.arange(num_positions, dtype=torch.float32)[:, None] * freqs[None]
     angles = angles.repeat_interleave(2, dim=1)
-    return angles.cos().float(), angles.sin().float()
+    return angles.cos(), angles.sin()
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

@@ -1,0 +1,42 @@
+"""Shared test helpers: the reference fixture location and small model configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from unite.config import ModelConfig, model_config
+
+FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+PARITY_FIXTURE = FIXTURES / "unite_parity_a.pt"
+
+
+@pytest.fixture(scope="session")
+def parity_fixture_path() -> Path:
+    if not PARITY_FIXTURE.is_file():
+        pytest.skip(f"reference fixture not available: {PARITY_FIXTURE} (shared/ sits beside the checkout)")
+    return PARITY_FIXTURE
+
+
+@pytest.fixture(scope="session")
+def parity_fixture(parity_fixture_path: Path) -> dict:
+    return torch.load(parity_fixture_path, map_location="cpu", weights_only=False)
+
+
+def small_config(**overrides) -> ModelConfig:
+    """32x32 images, patch 4, 64 latent tokens of 8 channels: fast on a CPU."""
+    values = dict(image_size=32, patch_size=4, num_latent_tokens=64, latent_dim=8, num_classes=10,
+                  in_context_len=4, perceptual_weight=0.0)
+    values.update(overrides)
+    return model_config("Tiny", "Tiny", **values)
+
+
+def perturb_(module: torch.nn.Module, std: float = 0.02) -> None:
+    """Add noise to every parameter so that zero-initialised paths carry signal (as the
+    reference fixture does)."""
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * std)
