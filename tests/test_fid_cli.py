@@ -1,0 +1,153 @@
+"""`unite fid` / `unite fid-stats` end to end, and agreement with torch-fidelity's own
+`calculate_metrics` on the same images and the same (randomly initialised) Inception weights file."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+import torch_fidelity
+import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
+from PIL import Image
+from threadpoolctl import threadpool_limits
+
+from unite.cli import main
+from unite.fid import PixelFeatures, frechet_distance
+
+
+def write_random_inception_weights(path, images: torch.Tensor, seed: int = 0) -> None:
+    """Build torch-fidelity's Inception module without any weights file, randomise it, and save its state
+    dict as torch-fidelity loads `feature_extractor_weights_path` (torch.load, then load_state_dict).
+
+    The class logits are random projections of how an image's pool features deviate from the mean over
+    `images`: a random network whose softmax varies across those images, so their IS is informative.
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tf_inception, "load_state_dict_from_url", lambda *args, **kwargs: {})
+        patch.setattr(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
+        network = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in network.modules():
+            if isinstance(module, torch.nn.Conv2d):  # He-scaled, so activations neither vanish nor explode
+                fan_in = module.weight[0].numel()
+                module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * (2 / fan_in) ** 0.5)
+            elif isinstance(module, torch.nn.BatchNorm2d):
+                n = module.num_features
+                module.weight.copy_(0.5 + torch.rand(n, generator=gen))
+                module.bias.copy_(0.2 * torch.randn(n, generator=gen))
+                module.running_mean.copy_(0.2 * torch.randn(n, generator=gen))
+                module.running_var.copy_(0.5 + torch.rand(n, generator=gen))
+        (pool,) = network(images)
+        mean = pool.mean(dim=0)
+        mean = mean / mean.norm()
+        projection = torch.randn(1008, 2048, generator=gen) * 0.3
+        network.fc.weight.copy_(projection - (projection @ mean)[:, None] * mean[None, :])
+        # The 8 outputs past the 1000 ImageNet classes get logits some 60 below the class logits, as unused
+        # classes have: IS over the first 1000 (ours) and over all 1008 (torch-fidelity) then coincide to
+        # ~1e-20, and no probability underflows to 0 (which makes torch-fidelity's IS NaN).
+        network.fc.weight[1000:] = -60 * mean / (pool @ mean).mean()
+        network.fc.bias.copy_(torch.randn(1008, generator=gen))
+    torch.save(network.state_dict(), path)
+
+
+def write_pngs(folder, images: np.ndarray) -> None:
+    folder.mkdir(parents=True)
+    for index, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"{index:03d}.png")
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """10 "generated" images (random colour blocks and noise), 5 smooth "reference" ramps, 24x24, and a
+    random Inception weights file."""
+    root = tmp_path_factory.mktemp("fid")
+    rng = np.random.default_rng(0)
+    blocks = rng.integers(0, 256, (10, 4, 4, 3)).repeat(6, axis=1).repeat(6, axis=2)
+    noise = rng.integers(-40, 41, (10, 24, 24, 3)) * rng.uniform(0, 1, (10, 1, 1, 1))
+    generated = np.clip(blocks + noise, 0, 255).astype(np.uint8)
+    write_pngs(root / "gen", generated)
+    ramp = np.linspace(0, 1, 24)[None, :, None, None] * rng.uniform(50, 255, (5, 1, 1, 3))
+    write_pngs(root / "ref", np.broadcast_to(ramp, (5, 24, 24, 3)).astype(np.uint8))
+    weights = root / "weights-inception-random.pth"
+    write_random_inception_weights(weights, torch.from_numpy(generated).permute(0, 3, 1, 2))
+    return root, weights
+
+
+def run_cli(capsys, *argv) -> dict:
+    assert main(list(argv)) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_unite_fid_agrees_with_torch_fidelity(inputs, capsys):
+    root, weights = inputs
+    # Two IS splits keep the image count small (10 splits would need 20+ images for an IS above its
+    # floor of 1); the split logic itself is compared with torch-fidelity's at 10 splits in test_metrics.
+    ours = run_cli(capsys, "fid", str(root / "gen"), str(root / "ref"), "--inception-weights", str(weights),
+                   "--device", "cpu", "--is-splits", "2", "--json")
+    with threadpool_limits(1):  # its 2048 x 2048 eigvals runs faster on one BLAS thread on a busy CPU
+        theirs = torch_fidelity.calculate_metrics(
+            input1=str(root / "gen"), input2=str(root / "ref"), isc=True, fid=True, isc_splits=2, cuda=False,
+            cache=False, verbose=False, save_cpu_ram=True, feature_extractor_weights_path=str(weights),
+        )
+    assert (ours["num_images"], ours["num_ref_images"], ours["feature_space"]) == (10, 5, "inception-v3-compat")
+    # The comparison means something only if the random network separates the two image sets and its IS
+    # is well off its floor of 1 (5 images per split: IS lies in [1, 5]).
+    assert theirs["frechet_inception_distance"] > 1.0 and theirs["inception_score_mean"] > 1.5
+    assert ours["fid"] == pytest.approx(theirs["frechet_inception_distance"], rel=1e-4)
+    assert ours["is_mean"] == pytest.approx(theirs["inception_score_mean"], rel=1e-4)
+    assert ours["is_std"] == pytest.approx(theirs["inception_score_std"], rel=1e-4)
+
+
+def test_fid_stats_from_a_folder_and_from_shards_then_fid_against_the_npz(inputs, tmp_path, capsys):
+    root, _ = inputs
+    assert main(["fid-stats", str(root / "ref"), str(tmp_path / "ref.npz"), "--feature-space", "pixel"]) == 0
+    shard = tmp_path / "shard-000000.tar"
+    with tarfile.open(shard, "w") as archive:  # webdataset layout: <key>.png and <key>.cls per sample
+        for index, path in enumerate(sorted((root / "ref").glob("*.png"))):
+            for suffix, payload in ((".png", path.read_bytes()), (".cls", str(index % 3).encode())):
+                info = tarfile.TarInfo(f"{index:08d}{suffix}")
+                info.size = len(payload)
+                archive.addfile(info, io.BytesIO(payload))
+    assert main(["fid-stats", str(shard), str(tmp_path / "shards.npz"), "--feature-space", "pixel"]) == 0
+    from_folder, from_shards = np.load(tmp_path / "ref.npz"), np.load(tmp_path / "shards.npz")
+    np.testing.assert_allclose(from_shards["sigma"], from_folder["sigma"], rtol=1e-12, atol=1e-15)
+    assert (int(from_folder["num_images"]), str(from_folder["feature_space"])) == (5, "pixel-8x8")
+
+    via_npz = run_cli(capsys, "fid", str(root / "gen"), str(tmp_path / "ref.npz"), "--feature-space", "pixel", "--json")
+    via_folder = run_cli(capsys, "fid", str(root / "gen"), str(root / "ref"), "--feature-space", "pixel", "--json")
+    assert "fid" not in via_npz and "is_mean" not in via_npz  # not Inception space: no FID, no IS
+    assert via_npz["fd"] == pytest.approx(via_folder["fd"], rel=1e-12)
+
+    def pixel_stats(folder):
+        images = np.stack([np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))])
+        feats = images.reshape(len(images), 8, 3, 8, 3, 3).mean(axis=(2, 4)).transpose(0, 3, 1, 2)
+        feats = feats.reshape(len(images), -1) / 255
+        return feats.mean(0), np.cov(feats, rowvar=False)
+
+    assert via_npz["fd"] == pytest.approx(frechet_distance(*pixel_stats(root / "gen"), *pixel_stats(root / "ref")),
+                                          rel=1e-9)
+    assert PixelFeatures().name == via_npz["feature_space"]
+
+
+def test_unite_fid_errors_name_the_missing_input(inputs, tmp_path, capsys, monkeypatch):
+    root, _ = inputs
+    monkeypatch.delenv("INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.delenv("IN256_FID_STATS", raising=False)
+    assert main(["fid", str(root / "gen"), str(root / "ref")]) == 2
+    message = capsys.readouterr().err
+    assert "unite fid: error:" in message and "INCEPTION_WEIGHTS" in message
+    assert "weights-inception-2015-12-05-6726825d.pth" in message
+    assert main(["fid", str(root / "gen"), "--feature-space", "pixel"]) == 2
+    message = capsys.readouterr().err
+    assert "IN256_FID_STATS" in message and "jit_in256_stats.npz" in message
+    assert main(["fid-stats", str(tmp_path / "empty"), str(tmp_path / "o.npz"), "--feature-space", "pixel"]) == 2
+    assert "does not exist or is not an image folder" in capsys.readouterr().err
+    (tmp_path / "nested" / "sub").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "nested" / "sub" / "a.png")
+    assert main(["fid-stats", str(tmp_path / "nested"), str(tmp_path / "o.npz"), "--feature-space", "pixel"]) == 2
+    assert "no .png/.jpg/.jpeg images found (subfolders are not searched unless" in capsys.readouterr().err

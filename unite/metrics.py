@@ -1,0 +1,130 @@
+"""Reconstruction metrics (PSNR, L1, LPIPS, rFID) and the class-consistency score of conditional samples.
+
+FID, IS and the feature spaces live in `unite.fid`; rFID reuses them on reconstructions vs originals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+from threadpoolctl import threadpool_limits
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from unite.fid import (
+    FeatureSpace,
+    MetricsInputError,
+    RunningStats,
+    distance_key,
+    downsample_pixels,
+    stats_distance,
+    to_uint8,
+)
+
+
+def _check_pair(originals: Tensor, reconstructions: Tensor) -> None:
+    if originals.shape != reconstructions.shape or originals.ndim != 4:
+        raise MetricsInputError(
+            f"originals {tuple(originals.shape)} and reconstructions {tuple(reconstructions.shape)}: they must be "
+            f"two (N, 3, H, W) batches of one shape"
+        )
+
+
+def psnr_uint8(originals: Tensor, reconstructions: Tensor) -> Tensor:
+    """Per-image PSNR (dB) after quantising both [0, 1] batches to uint8 as saved images are; inf
+    for an exact match."""
+    _check_pair(originals, reconstructions)
+    diff = to_uint8(originals).to(torch.float64) - to_uint8(reconstructions).to(torch.float64)
+    mse = diff.square().flatten(1).mean(dim=1)
+    return 10.0 * torch.log10(255.0**2 / mse)
+
+
+def l1_error(originals: Tensor, reconstructions: Tensor) -> Tensor:
+    """Per-image mean absolute error of [0, 1] float images (the training loss's L1)."""
+    _check_pair(originals, reconstructions)
+    return (originals.to(torch.float64) - reconstructions.to(torch.float64)).abs().flatten(1).mean(dim=1)
+
+
+@torch.no_grad()
+def lpips_distance(lpips: nn.Module, originals: Tensor, reconstructions: Tensor) -> Tensor:
+    """Per-image LPIPS of [0, 1] images, scaled to the [-1, 1] range LPIPS expects (the standard
+    metric, unlike the training loss quirk) and with the module in eval mode (no head dropout)."""
+    _check_pair(originals, reconstructions)
+    was_training = lpips.training
+    lpips.eval()
+    try:
+        distance = lpips(originals * 2 - 1, reconstructions * 2 - 1)
+    finally:
+        lpips.train(was_training)
+    return distance.flatten().to(torch.float64).cpu()
+
+
+def reconstruction_metrics(
+    pairs: Iterable[tuple[Tensor, Tensor]],
+    *,
+    feature_space: FeatureSpace | None = None,
+    lpips: nn.Module | None = None,
+    total: int | None = None,
+    progress: bool = True,
+) -> dict[str, float | int | str]:
+    """Stream (originals, reconstructions) [0, 1] batches: mean per-image PSNR (uint8) and L1, mean
+    LPIPS if a module is given, and rFID (rfd outside Inception space) between the uint8
+    reconstructions and originals if a feature space is given."""
+    psnr, l1, perceptual = [], [], []
+    real, recon = RunningStats(), RunningStats()
+    with tqdm(total=total, desc="reconstruction metrics", unit="img", disable=not progress) as bar:
+        for originals, reconstructions in pairs:
+            psnr.append(psnr_uint8(originals, reconstructions))
+            l1.append(l1_error(originals, reconstructions))
+            if lpips is not None:
+                perceptual.append(lpips_distance(lpips, originals, reconstructions))
+            if feature_space is not None:
+                real.update(feature_space(to_uint8(originals).cpu())[0].numpy())
+                recon.update(feature_space(to_uint8(reconstructions).cpu())[0].numpy())
+            bar.update(len(originals))
+    if not psnr:
+        raise MetricsInputError("reconstruction metrics: no image pairs given")
+    result: dict[str, float | int | str] = {
+        "psnr": torch.cat(psnr).mean().item(),
+        "l1": torch.cat(l1).mean().item(),
+        "num_images": sum(len(p) for p in psnr),
+    }
+    if perceptual:
+        result["lpips"] = torch.cat(perceptual).mean().item()
+    if feature_space is not None:
+        name = feature_space.name
+        result["r" + distance_key(name)] = stats_distance(recon.stats(name), real.stats(name))
+        result["feature_space"] = name
+    return result
+
+
+class PixelClassifier:
+    """Logistic regression on downsampled pixels, trained on real labelled images: an independent
+    judge of whether class-conditional samples show their class."""
+
+    def __init__(self, images: Tensor, labels: Sequence[int] | Tensor, *, size: int = 8, seed: int = 0):
+        from sklearn.linear_model import LogisticRegression
+
+        labels = np.asarray(labels)
+        if len(labels) != len(images):
+            raise MetricsInputError(
+                f"class-consistency classifier: {len(images)} train images but {len(labels)} labels"
+            )
+        self.size = size
+        self.model = LogisticRegression(max_iter=2000, random_state=seed)
+        with threadpool_limits(1):  # a small fit: threaded BLAS only adds overhead
+            self.model.fit(downsample_pixels(images, size).numpy(), labels)
+
+    def predict(self, images: Tensor) -> np.ndarray:
+        """Predicted class of each uint8 (N, 3, H, W) image."""
+        return self.model.predict(downsample_pixels(images, self.size).numpy())
+
+
+def class_consistency(classifier: PixelClassifier, images: Tensor, labels: Sequence[int] | Tensor) -> float:
+    """Fraction of uint8 images that the classifier assigns to the class they were generated for."""
+    labels = np.asarray(labels)
+    if len(labels) != len(images) or len(labels) == 0:
+        raise MetricsInputError(f"class consistency: {len(images)} images and {len(labels)} labels; need equal, > 0")
+    return float((classifier.predict(images) == labels).mean())
