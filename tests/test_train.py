@@ -1,0 +1,376 @@
+"""Training engine: config validation, schedule, parameter split, EMA, data position, exact
+resume, non-finite steps, metrics rows and preemption (one process; see
+test_train_distributed.py for two gloo processes)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from torch.utils.data import DataLoader, TensorDataset
+
+from unite.checkpoint import list_checkpoints, load_checkpoint
+from unite.config import ConfigError, model_config
+from unite.model import UNITE
+from unite.optim import EMA, LRSchedule, split_parameters, unite_b_schedule
+from unite.train import (
+    DataPosition,
+    IterableSource,
+    NonFiniteLossError,
+    TensorBatches,
+    TrainConfig,
+    accumulation_steps,
+    load_config,
+    main,
+    micro_batches,
+    synthetic_images,
+    train,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A model small enough for a step in a fraction of a second on one CPU thread.
+TINY_MODEL: dict[str, Any] = {
+    "encoder": "Tiny", "decoder": "Tiny", "encoder_depth": 5, "encoder_hidden": 32,
+    "in_context_len": 4, "decoder_layers": 1, "decoder_hidden": 32, "decoder_mlp": 64,
+    "decoder_proj_dim": 32, "image_size": 16, "patch_size": 4, "num_latent_tokens": 16,
+    "latent_dim": 4, "num_classes": 10, "perceptual_weight": 0.0,
+}
+
+
+def train_values(out_dir: Path, **overrides: Any) -> dict[str, Any]:
+    """A config mapping for the tiny model: 20 synthetic images, micro-batches of 4, two
+    micro-batches per step (so an epoch is 5 micro-batches and step 3 crosses into epoch 1)."""
+    values = {
+        "model": dict(TINY_MODEL),
+        "data": {"kind": "synthetic", "num_images": 20},
+        "out_dir": str(out_dir),
+        "max_steps": 4,
+        "global_batch": 8,
+        "per_device_batch": 4,
+        "base_lr": 1e-3,
+        "schedule": {"warmup_steps": 1, "hold_until_step": 2, "decay_until_step": 4, "final_lr_factor": 0.5},
+        "log_every": 1,
+        "checkpoint_every": 100,
+        "progress": False,
+    }
+    values.update(overrides)
+    return values
+
+
+def train_config(out_dir: Path, **overrides: Any) -> TrainConfig:
+    return TrainConfig.from_dict(train_values(out_dir, **overrides))
+
+
+def assert_identical(a: Any, b: Any, where: str = "state") -> None:
+    """Recursive bit-for-bit equality of nested checkpoint contents."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: keys differ"
+        for key in a:
+            assert_identical(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{where}: lengths differ"
+        for index, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f"{where}[{index}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+TRAINING_STATE = ("model", "ema", "optimizer", "optimizer_muon", "scheduler", "scheduler_muon",
+                  "step", "epoch", "data_position", "rng", "skipped_steps")
+
+
+def assert_same_training_state(path_a: Path, path_b: Path) -> None:
+    a, b = load_checkpoint(path_a), load_checkpoint(path_b)
+    for key in TRAINING_STATE:
+        assert_identical(a[key], b[key], key)
+
+
+def metric_rows(out_dir: Path) -> list[dict[str, str]]:
+    lines = (out_dir / "metrics.tsv").read_text().splitlines()
+    header = lines[0].split("\t")
+    return [dict(zip(header, line.split("\t"))) for line in lines[1:]]
+
+
+def child_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: fast on a shared 2-core machine and the same in every process."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+# ------------------------------------------------------------------------------ config
+def test_config_loads_yaml_and_json_alike(tmp_path: Path) -> None:
+    values = train_values(tmp_path / "run")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(values))
+    (tmp_path / "c.json").write_text(json.dumps(values))
+    from_yaml, from_json = load_config(tmp_path / "c.yaml"), load_config(tmp_path / "c.json")
+    assert from_yaml == from_json
+    assert from_yaml.model == model_config(**{k: v for k, v in TINY_MODEL.items()})
+    assert from_yaml.ema_decay == 0.9978 and from_yaml.grad_clip == 3.0  # recipe defaults
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"max_steps": "10"}, "max_steps='10': must be of type int"),
+        ({"bf16": 1}, "bf16=1: must be of type bool"),
+        ({"learning_rate": 1.0}, "unknown config keys ['learning_rate']"),
+        ({"ema_decay": 1.0}, "ema_decay=1.0: must lie in [0, 1)"),
+        ({"keep_last": 0}, "keep_last=0: must be a positive integer"),
+        ({"global_batch": 10}, "global_batch=10: must be a multiple of per_device_batch=4"),
+        ({"device": "tpu"}, "device='tpu': must be one of auto, cpu, cuda"),
+        ({"data": {"kind": "folder"}}, "data.kind='folder'"),
+        ({"data": {"kind": "python", "source": "nomodule"}}, "data.source='nomodule'"),
+        ({"model": {**TINY_MODEL, "encoder_hidden": 33}}, "model: encoder_hidden=33"),
+        (
+            {"schedule": {"warmup_steps": 5, "hold_until_step": 2, "decay_until_step": 9,
+                          "final_lr_factor": 0.5}},
+            "warmup_steps (5) <= hold_until_step (2)",
+        ),
+        ({"schedule": {"preset": "unite_b"}}, "a preset takes exactly"),
+    ],
+)
+def test_config_errors_name_the_key(tmp_path: Path, change: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        train_config(tmp_path, **change)
+    assert message in str(error.value)
+
+
+def test_missing_key_and_missing_file(tmp_path: Path) -> None:
+    values = train_values(tmp_path)
+    del values["out_dir"]
+    with pytest.raises(ConfigError, match="out_dir: required key is missing"):
+        TrainConfig.from_dict(values)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_cli_reports_config_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(train_values(tmp_path, max_steps=0)))
+    assert main([str(tmp_path / "c.yaml")]) == 2
+    assert "max_steps=0: must be a positive integer" in capsys.readouterr().err
+
+
+def test_batch_geometry() -> None:
+    assert accumulation_steps(1024, 64, 8) == 2
+    assert accumulation_steps(8, 2, 2) == 2
+    with pytest.raises(ConfigError, match=r"per_device_batch=64 x world_size=3 = 192"):
+        accumulation_steps(1024, 64, 3)
+
+
+# ------------------------------------------------------------------------------ schedule, optimizers, EMA
+def test_schedule_closed_form() -> None:
+    schedule = LRSchedule(warmup_steps=10, hold_until_step=20, decay_until_step=40, final_lr_factor=0.5)
+    expected = {0: 0.0, 5: 0.5, 10: 1.0, 19: 1.0, 20: 1.0, 30: 0.75, 40: 0.5, 10_000: 0.5}
+    for step, factor in expected.items():
+        assert schedule(step) == pytest.approx(factor, abs=1e-12), step
+    # A quarter of the way through the cosine: 0.5 + 0.5 * (1 + cos(pi / 4)) / 2.
+    assert schedule(25) == pytest.approx(0.5 + 0.25 * (1 + math.sqrt(0.5)))
+
+
+def test_unite_b_preset_follows_the_reference_micro_batch_count() -> None:
+    # ImageNet, 64 per GPU x 8 GPUs: ceil(1281167 / 512) = 2503 micro-batches per epoch.
+    assert unite_b_schedule(1_281_167, 64, 8) == LRSchedule(50_060, 75_090, 125_150, 0.5)
+
+
+def test_parameter_split() -> None:
+    model = UNITE(model_config(**TINY_MODEL))
+    # A 2-D stand-in for LPIPS, left trainable: only its name keeps it out of the optimizers.
+    model.perceptual = torch.nn.Linear(2, 2)
+    muon, adamw = split_parameters(model)
+    muon_names, adamw_names = {n for n, _ in muon}, {n for n, _ in adamw}
+    trainable = {n for n, _ in model.named_parameters() if not n.startswith("perceptual.")}
+    assert muon_names | adamw_names == trainable and not muon_names & adamw_names
+    assert {"encoder.label_embed.weight", "encoder.blocks.0.attn.qkv.weight",
+            "decoder.latent_proj.weight", "encoder.time_embed.mlp.0.weight"} <= muon_names
+    assert {"patch_embed.weight", "encoder.final_linear.weight", "encoder.final_modulation.weight",
+            "encoder.in_context_pos", "latent_pos", "encoder.blocks.0.attn.qkv.bias",
+            "encoder.time_embed.special_time_emb"} <= adamw_names
+    assert all(p.ndim == 2 for _, p in muon)
+    # Every 2-D weight outside the final layer is on Muon: one qkv, proj, w12, w3, modulation per
+    # encoder block, latent_in, two time-MLP weights, the label table, and per decoder block qkv,
+    # proj, fc1, fc2 plus latent_proj, embed and head.
+    assert len(muon_names) == 5 * 5 + 4 + 4 * 1 + 3
+
+
+def test_ema_update_closed_form() -> None:
+    model = UNITE(model_config(**TINY_MODEL))
+    model.perceptual = torch.nn.Linear(2, 2)  # stands in for LPIPS, which is not averaged
+    ema = EMA(model, decay=0.9)
+    assert not any(name.startswith("perceptual.") for name in ema.state_dict())
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if not n.startswith("perceptual.")}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)
+    for name, value in before.items():
+        torch.testing.assert_close(ema.state_dict()[name], 0.9 * value + 0.1 * (value + 1.0))
+    assert torch.equal(ema.state_dict()["encoder.time_embed.freqs"], model.encoder.time_embed.freqs)
+
+
+# ------------------------------------------------------------------------------ data position
+def test_tensor_batches_are_a_function_of_seed_epoch_and_skip() -> None:
+    images, labels = torch.rand(20, 3, 2, 2), torch.arange(20)
+    source = TensorBatches(images, labels, batch_size=4, seed=3)
+    epoch0 = [lab for _, lab in source.batches(0, 0)]
+    assert len(epoch0) == 5 and sorted(torch.cat(epoch0).tolist()) == list(range(20))
+    assert all(torch.equal(a, b) for a, b in zip(epoch0[2:], [lab for _, lab in source.batches(0, 2)]))
+    assert not torch.equal(torch.cat(epoch0), torch.cat([lab for _, lab in source.batches(1, 0)]))
+    # Two ranks split an epoch into disjoint halves with equal batch counts.
+    ranks = [TensorBatches(images, labels, 4, rank, 2, seed=3) for rank in (0, 1)]
+    seen = [torch.cat([lab for _, lab in r.batches(0, 0)]) for r in ranks]
+    assert len(seen[0]) == len(seen[1]) == 8 and not set(seen[0].tolist()) & set(seen[1].tolist())
+
+
+def test_micro_batches_roll_over_epochs_and_resume_mid_epoch() -> None:
+    batches = [(torch.full((2, 1), float(i)), torch.tensor([i, i])) for i in range(3)]
+    source = IterableSource(batches)
+    position = DataPosition()
+    stream = micro_batches(source, position, batch_size=2)
+    taken = [int(next(stream)[1][0]) for _ in range(4)]
+    assert taken == [0, 1, 2, 0] and position == DataPosition(epoch=1, batch=1)
+    resumed = micro_batches(source, DataPosition(epoch=1, batch=1), batch_size=2)
+    assert [int(next(resumed)[1][0]) for _ in range(3)] == [1, 2, 0]
+
+
+# ------------------------------------------------------------------------------ training
+def plain_dataloader() -> IterableSource:
+    """20 images in fixed order through a torch DataLoader, which draws a worker seed from the
+    global torch generator whenever it is iterated (at an epoch start, or at a resume)."""
+    images, labels = synthetic_images(model_config(**TINY_MODEL), 20, seed=0)
+    return IterableSource(DataLoader(TensorDataset(images, labels), batch_size=4))
+
+
+@pytest.mark.parametrize("source", ["synthetic", "dataloader"])
+def test_exact_resume_single_process(tmp_path: Path, source: str) -> None:
+    """4 steps straight == 2 steps, stop, resume, 2 more: weights, EMA, optimizer states, RNG
+    and data position bit-identical."""
+
+    def run(out: str, **overrides: Any):
+        data = None if source == "synthetic" else plain_dataloader()
+        return train(train_config(tmp_path / out, **overrides), data=data)
+
+    straight = run("straight")
+    assert straight.step == 4
+    half = run("resumed", max_steps=2)
+    assert half.step == 2
+    resumed = run("resumed")
+    assert resumed.step == 4
+    assert_same_training_state(straight.checkpoint, resumed.checkpoint)
+    state = load_checkpoint(resumed.checkpoint)
+    # 8 micro-batches of an epoch of 5: epoch 1, 3 taken.
+    assert state["data_position"] == {"epoch": 1, "batch": 3} and state["epoch"] == 1
+    assert not torch.equal(state["ema"]["encoder.blocks.0.attn.qkv.weight"],
+                           state["model"]["encoder.blocks.0.attn.qkv.weight"])
+
+    # The metrics log continues: the resumed run's rows equal the straight run's (but for speed).
+    rows, reference = metric_rows(tmp_path / "resumed"), metric_rows(tmp_path / "straight")
+    for row in rows + reference:
+        del row["images_per_s"]
+    assert rows == reference and [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    # lr column: peak 1e-3 * 8 / 384 times the schedule factor of the step's 0-based index.
+    schedule = LRSchedule(1, 2, 4, 0.5)
+    for row in rows:
+        assert float(row["lr"]) == pytest.approx(1e-3 * 8 / 384 * schedule(int(row["step"]) - 1), rel=1e-5)
+    assert json.loads((tmp_path / "resumed" / "metrics.json").read_text())["step"] == 4
+
+
+def test_checkpoints_keep_last_and_hold_the_recipe_keys(tmp_path: Path) -> None:
+    result = train(train_config(tmp_path, max_steps=4, checkpoint_every=1, keep_last=2))
+    names = [p.name for p in list_checkpoints(tmp_path / "checkpoints")]
+    assert names == ["step_00000003.pt", "step_00000004.pt"]
+    state = load_checkpoint(result.checkpoint)
+    assert {"model", "ema", "optimizer", "scheduler", "optimizer_muon", "scheduler_muon", "step", "epoch",
+            "current_best_cfg_scale", "data_position", "rng", "config"} <= state.keys()
+    assert state["current_best_cfg_scale"] == 3.4 and state["config"]["world_size"] == 1
+
+
+def test_resume_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="resume='.*absent.pt': no such checkpoint"):
+        train(train_config(tmp_path / "a", resume=str(tmp_path / "absent.pt")))
+    with pytest.raises(FileNotFoundError, match="holds no complete checkpoint"):
+        train(train_config(tmp_path / "a", resume=str(tmp_path)))
+    train(train_config(tmp_path / "b", max_steps=1))
+    with pytest.raises(ConfigError, match=r"base_lr: checkpoint 0.001, config 0.002"):
+        train(train_config(tmp_path / "b", max_steps=2, base_lr=2e-3))
+    # Settings that do not change the trajectory may differ.
+    assert train(train_config(tmp_path / "b", max_steps=2, log_every=5, keep_last=1)).step == 2
+
+
+def nan_batches(good: int, total: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`good` finite batches of 4 tiny images, then NaN images (as from a corrupt record)."""
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for index in range(total):
+        images = torch.rand(4, 3, 16, 16, generator=generator)
+        if index >= good:
+            images[:] = float("nan")
+        batches.append((images, torch.randint(0, 10, (4,), generator=generator)))
+    return batches
+
+
+def test_nonfinite_step_is_skipped_and_counted(tmp_path: Path) -> None:
+    batches = nan_batches(good=2, total=4)
+    run = dict(global_batch=4, max_steps=3)
+    skipped = train(train_config(tmp_path / "skip", **run), data=batches)
+    assert skipped.skipped_steps == 1
+    assert json.loads((tmp_path / "skip" / "metrics.json").read_text())["skipped_steps"] == 1
+    reference = train(train_config(tmp_path / "ref", **{**run, "max_steps": 2}), data=batches)
+    # The skipped step changed no weight, EMA or optimizer state.
+    a, b = load_checkpoint(skipped.checkpoint), load_checkpoint(reference.checkpoint)
+    for key in ("model", "ema"):
+        assert_identical(a[key], b[key], key)
+    for key in ("optimizer", "optimizer_muon"):
+        assert_identical(a[key]["state"], b[key]["state"], key)
+
+
+def test_nonfinite_streak_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+    config = train_config(tmp_path, global_batch=4, max_steps=10, max_nonfinite=2, checkpoint_every=1)
+    with pytest.raises(NonFiniteLossError, match=r"2 consecutive steps \(up to step 4\).*step_00000002.pt"):
+        train(config, data=nan_batches(good=2, total=6))
+    names = [p.name for p in list_checkpoints(tmp_path / "checkpoints")]
+    assert names == ["step_00000001.pt", "step_00000002.pt"]
+    assert metric_rows(tmp_path)[-1]["skipped_steps"] == "1"  # the row of step 3
+
+
+def test_sigterm_finishes_the_step_checkpoints_and_resumes(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(train_values(out, max_steps=1000, checkpoint_every=1000)))
+    child = subprocess.Popen([sys.executable, "-m", "unite.train", str(tmp_path / "c.yaml")],
+                             env=child_env(), stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not ((out / "metrics.tsv").is_file() and len(metric_rows(out)) >= 2):
+        assert child.poll() is None and time.monotonic() < deadline, "training did not start"
+        time.sleep(0.05)
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 128 + signal.SIGTERM, err
+    [checkpoint] = list_checkpoints(out / "checkpoints")
+    stopped_at = load_checkpoint(checkpoint)["step"]
+    assert f"SIGTERM received; finished step {stopped_at}, wrote {checkpoint}" in err
+    assert "Run the same command again to resume" in err
+
+    # Rerunning resumes from there; the result equals an uninterrupted run.
+    resumed = train(train_config(out, max_steps=stopped_at + 1, checkpoint_every=1000))
+    straight = train(train_config(tmp_path / "straight", max_steps=stopped_at + 1))
+    assert resumed.step == stopped_at + 1
+    assert_same_training_state(straight.checkpoint, resumed.checkpoint)

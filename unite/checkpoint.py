@@ -1,0 +1,182 @@
+"""Training checkpoints: atomic files, keep-last-N, random-state capture, EMA export.
+
+A checkpoint is `<dir>/step_<step>.pt`. It is written to a temporary name in the same folder,
+synced to disk and renamed, so a crash mid-write leaves at most a `*.tmp` file, which
+`latest_checkpoint` never picks and the next save removes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from unite.config import ModelConfig
+
+_NAME = re.compile(r"^step_(\d+)\.pt$")
+_TMP_SUFFIX = ".tmp"
+
+
+def checkpoint_path(directory: str | Path, step: int) -> Path:
+    return Path(directory) / f"step_{step:08d}.pt"
+
+
+def list_checkpoints(directory: str | Path) -> list[Path]:
+    """Complete checkpoints in `directory`, oldest step first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(directory: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step, or None when there is none."""
+    found = list_checkpoints(directory)
+    return found[-1] if found else None
+
+
+def save_checkpoint(state: dict[str, Any], directory: str | Path, step: int, keep_last: int) -> Path:
+    """Write `state` as the checkpoint of `step` atomically, then delete all but the newest
+    `keep_last` checkpoints and any temporary file a killed writer left behind."""
+    if keep_last < 1:
+        raise ValueError(f"keep_last={keep_last}: must be >= 1")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob(f".step_*{_TMP_SUFFIX}"):
+        stale.unlink()
+    final = checkpoint_path(directory, step)
+    temporary = final.with_name(f".{final.name}.{os.getpid()}{_TMP_SUFFIX}")
+    with open(temporary, "wb") as handle:
+        torch.save(state, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, final)
+    _fsync_directory(directory)
+    for old in list_checkpoints(directory)[:-keep_last]:
+        old.unlink()
+    return final
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename durable: fsync the folder entry as well as the file."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's contents on the CPU; a clear error when the file is missing or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"checkpoint {path} cannot be read ({error}); it may be corrupt") from error
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Every global random state this process draws from: python, numpy, torch CPU and CUDA."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+    }
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of capture_rng_state (CUDA state goes to the current device)."""
+    random.setstate(_as_tuples(state["python"]))
+    numpy_state = state["numpy"]
+    np.random.set_state(
+        (
+            numpy_state["kind"],
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["position"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    )
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None:
+        if not torch.cuda.is_available():
+            raise RuntimeError("the checkpoint holds a CUDA random state but CUDA is not available")
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _as_tuples(value: Any) -> Any:
+    """random.setstate wants nested tuples; a serialised state may come back with lists."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def export_ema(checkpoint: str | Path, out_path: str | Path) -> tuple[Path, Path]:
+    """Write the EMA weights of a training checkpoint as `out_path` (safetensors) and the model
+    config next to it (same name, .json), for sampling without the training state."""
+    state = load_checkpoint(checkpoint)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    info = {
+        "model_config": state["config"]["model"],
+        "step": state["step"],
+        "epoch": state["epoch"],
+        "ema_decay": state["config"]["ema_decay"],
+        "current_best_cfg_scale": state["current_best_cfg_scale"],
+        "source_checkpoint": str(checkpoint),
+    }
+    tensors = {name: tensor.contiguous() for name, tensor in state["ema"].items()}
+    save_file(tensors, str(out_path), metadata={"unite": json.dumps(info)})
+    json_path = out_path.with_suffix(".json")
+    json_path.write_text(json.dumps(info, indent=2) + "\n")
+    return out_path, json_path
+
+
+def load_exported(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+    """The EMA state dict and model config of an export_ema file (LPIPS keys are not in it:
+    load with strict=False or build the model with perceptual_weight=0)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"EMA export {path} does not exist")
+    info = json.loads(path.with_suffix(".json").read_text())
+    return load_file(str(path)), ModelConfig.from_dict(info["model_config"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m unite.checkpoint", description="Export EMA weights of a training checkpoint."
+    )
+    parser.add_argument("checkpoint", help="a step_*.pt file, or a folder (its latest checkpoint)")
+    parser.add_argument("out", help="output .safetensors path (the config goes next to it as .json)")
+    args = parser.parse_args(argv)
+    source = Path(args.checkpoint)
+    if source.is_dir():
+        found = latest_checkpoint(source)
+        if found is None:
+            parser.error(f"{source} holds no complete checkpoint (step_*.pt)")
+        source = found
+    weights, config = export_ema(source, args.out)
+    print(f"exported EMA of {source} to {weights} and {config}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
