@@ -48,6 +48,50 @@ def _add_feature_args(command: argparse.ArgumentParser) -> None:
     command.add_argument("--recursive", action="store_true", help="also read images in subfolders")
 
 
+def _generate(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    import torch
+    import torch.distributed as dist
+
+    from unite.evaluation import load_exported_model, pick_device
+    from unite.generate import generate, sample_grid, write_npz, write_pngs
+    from unite.sampling import Guidance
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    device = pick_device(args.device)
+    if world_size > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    model = load_exported_model(args.model, device)
+    guidance = Guidance(scale=args.cfg_scale, interval=tuple(args.interval), norm_order=args.norm_order)
+    out = Path(args.out)
+    for indices, _, images in generate(model, args.num_images, guidance, seed=args.seed, block_size=args.block_size,
+                                       rank=rank, world_size=world_size, solver=args.solver, steps=args.steps):
+        write_pngs(out, indices, images)
+    if world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    if rank == 0:
+        if args.npz:
+            write_npz(out, args.num_images, Path(args.npz))
+        if args.grid:
+            import numpy as np
+            from PIL import Image
+
+            per_class = args.grid_per_class
+            classes = model.cfg.num_classes
+            shown = [i for i in range(args.num_images) if i // classes < per_class]
+            images = np.stack([np.asarray(Image.open(out / f"{i:06d}.png").convert("RGB")) for i in shown])
+            sample_grid(images, np.array(shown) % classes, classes, per_class).save(args.grid)
+        print(f"unite generate: {args.num_images} images in {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unite", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -73,6 +117,26 @@ def build_parser() -> argparse.ArgumentParser:
     fid_stats.add_argument("out", help="output statistics .npz")
     _add_feature_args(fid_stats)
     fid_stats.set_defaults(handler=_fid_stats)
+
+    gen = commands.add_parser(
+        "generate",
+        help="generate class-balanced images from an EMA export (torchrun splits the work across ranks)",
+    )
+    gen.add_argument("model", help="EMA export: .safetensors with its .json config beside it")
+    gen.add_argument("--out", required=True, help="folder for {index:06d}.png files")
+    gen.add_argument("--num-images", type=int, required=True)
+    gen.add_argument("--seed", type=int, default=0, help="image i's noise depends only on (seed, i)")
+    gen.add_argument("--cfg-scale", type=float, default=1.0)
+    gen.add_argument("--interval", type=float, nargs=2, default=(0.1, 1.0), metavar=("LOW", "HIGH"))
+    gen.add_argument("--norm-order", default="norm_first", choices=["norm_first", "cfg_first", "both"])
+    gen.add_argument("--solver", default="dopri5", choices=["dopri5", "heun", "euler"])
+    gen.add_argument("--steps", type=int, default=49, help="steps of the fixed-step solvers")
+    gen.add_argument("--block-size", type=int, default=64, help="images sampled together")
+    gen.add_argument("--npz", help="also write all images as one uint8 (N, H, W, 3) npz")
+    gen.add_argument("--grid", help="also write a per-class sample grid PNG")
+    gen.add_argument("--grid-per-class", type=int, default=8)
+    gen.add_argument("--device", default="auto")
+    gen.set_defaults(handler=_generate)
 
     return parser
 

@@ -101,3 +101,13 @@ def sample_grid(images: np.ndarray, labels: np.ndarray, num_classes: int, per_cl
             top, left = cls * (height + 2) + 1, column * (width + 2) + 1
             grid[top : top + height, left : left + width] = images[index]
     return Image.fromarray(grid)
+
+
+def write_npz(folder: Path, num_images: int, path: Path) -> None:
+    """Gather `{index:06d}.png` files 0..num_images-1 into one uint8 (N, H, W, 3) npz array."""
+    missing = [i for i in range(num_images) if not (folder / f"{i:06d}.png").is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder}: {len(missing)} generated images missing (first: {missing[0]:06d}.png)")
+    images = np.stack([np.asarray(Image.open(folder / f"{i:06d}.png").convert("RGB")) for i in range(num_images)])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, images)

@@ -1,0 +1,67 @@
+"""Stage evaluate: the reported scores at the setting the sweep chose, on a separate seed:
+Frechet distance (FID in Inception space, with IS), class consistency, reconstruction metrics on
+the validation split, a per-class sample grid, and the provenance of the run."""
+
+import json
+import platform
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stages.export import OUT as MODEL
+from stages.fid_ref import OUT as REFERENCE
+from stages.params import load_params
+from stages.shard import OUT as SHARDS
+from stages.sweep import METRICS_JSON as SWEEP
+from unite.evaluation import (feature_space, generate_and_score, load_exported_model, load_split, pick_device,
+                              reconstruct)
+from unite.fid import GaussianStats
+from unite.generate import sample_grid
+from unite.metrics import PixelClassifier, class_consistency, reconstruction_metrics
+from unite.sampling import Guidance
+
+OUT = Path("samples")
+METRICS = Path("metrics/eval.json")
+
+
+def provenance(device: torch.device) -> dict:
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return {"git_commit": commit or None, "torch": torch.__version__, "python": platform.python_version(),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"}
+
+
+def main() -> None:
+    params = load_params()
+    evaluate, ref = params["evaluate"], params["fid_ref"]
+    device = pick_device()
+    model = load_exported_model(MODEL, device)
+    space = feature_space(ref["feature_space"], SHARDS / "train", ref["inception_weights"], str(device))
+    chosen = json.loads(SWEEP.read_text())["chosen"]
+    guidance = Guidance(scale=chosen["scale"], interval=tuple(chosen["interval"]), norm_order=chosen["norm_order"])
+
+    scores, images, labels = generate_and_score(
+        model, space, GaussianStats.load(REFERENCE), evaluate["num_images"], guidance, evaluate["seed"],
+        evaluate["solver"], evaluate["steps"], evaluate["block_size"],
+    )
+    metrics = {"generation": {**scores, "cfg_scale": guidance.scale, "solver": evaluate["solver"]}}
+    if evaluate["class_consistency"]:
+        train_images, train_labels = load_split(SHARDS / "train")
+        judge = PixelClassifier(train_images, train_labels)
+        metrics["generation"]["class_consistency"] = class_consistency(judge, images.permute(0, 3, 1, 2), labels)
+    metrics["reconstruction"] = reconstruction_metrics(
+        reconstruct(model, SHARDS / "val", evaluate["block_size"], evaluate["recon_images"]), feature_space=space,
+    )
+
+    OUT.mkdir(exist_ok=True)
+    np.savez(OUT / "images.npz", images.numpy())
+    grid = sample_grid(images.numpy(), labels.numpy(), model.cfg.num_classes, evaluate["grid_per_class"])
+    grid.save(OUT / "grid.png")
+    (OUT / "provenance.json").write_text(json.dumps(provenance(device), indent=2) + "\n")
+    METRICS.write_text(json.dumps(metrics, indent=2) + "\n")
+    print(json.dumps(metrics, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""params.yaml for the stages: read it and validate every section before any work starts.
+
+Each error names the key (as `section.key`), the value and the rule.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from unite.config import ConfigError
+from unite.train import TrainConfig, accumulation_steps
+
+PARAMS_FILE = Path("params.yaml")
+
+# Stage-level train keys; every other train key goes to unite.train.TrainConfig.
+TRAIN_STAGE_KEYS = {"nproc_per_node": int, "hflip": bool, "num_workers": int}
+
+SCHEMA: dict[str, dict[str, Any]] = {
+    "demo_data": {"image_size": int, "val_fraction": float, "seed": int},
+    "manifest": {"root": str},
+    "shard": {"image_size": int, "shard_size": int, "store": str, "png_level": int, "workers": int,
+              "seed": int, "strict": bool},
+    "fid_ref": {"feature_space": str, "stats": (str, None), "inception_weights": (str, None), "batch_size": int},
+    "sweep": {"num_images": int, "seed": int, "start_scale": float, "step": float, "max_extra_steps": int,
+              "interval": list, "norm_order": str, "solver": str, "steps": int, "block_size": int},
+    "evaluate": {"num_images": int, "seed": int, "solver": str, "steps": int, "block_size": int,
+                 "grid_per_class": int, "recon_images": int, "class_consistency": bool},
+}
+CHOICES = {
+    ("shard", "store"): ("png", "source"),
+    ("fid_ref", "feature_space"): ("inception", "pixel", "classifier"),
+    ("sweep", "norm_order"): ("norm_first", "cfg_first", "both"),
+    ("sweep", "solver"): ("dopri5", "heun", "euler"),
+    ("evaluate", "solver"): ("dopri5", "heun", "euler"),
+}
+
+
+def _type_ok(value: Any, expected: Any) -> bool:
+    if isinstance(expected, tuple):
+        return any(_type_ok(value, e) for e in expected)
+    if expected is None:
+        return value is None
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, expected)
+
+
+def _type_name(expected: Any) -> str:
+    if isinstance(expected, tuple):
+        return " or ".join(_type_name(e) for e in expected)
+    return "null" if expected is None else expected.__name__
+
+
+def _check_section(name: str, section: Any, schema: dict[str, Any]) -> None:
+    if not isinstance(section, dict):
+        raise ConfigError(f"{name}: expected a mapping, got {section!r}")
+    unknown = sorted(set(section) - set(schema))
+    if unknown:
+        raise ConfigError(f"{name}: unknown keys {unknown}; known keys: {sorted(schema)}")
+    for key, expected in schema.items():
+        if key not in section:
+            raise ConfigError(f"{name}.{key}: required key is missing")
+        value = section[key]
+        if not _type_ok(value, expected):
+            raise ConfigError(f"{name}.{key}={value!r}: must be {_type_name(expected)}")
+        choices = CHOICES.get((name, key))
+        if choices and value not in choices:
+            raise ConfigError(f"{name}.{key}={value!r}: must be one of {list(choices)}")
+
+
+def train_config(section: dict[str, Any], out_dir: str, data: dict[str, Any]) -> TrainConfig:
+    """The trainer's config from the train section (stage-level keys removed)."""
+    values = {k: v for k, v in section.items() if k not in TRAIN_STAGE_KEYS}
+    return TrainConfig.from_dict({**values, "out_dir": out_dir, "data": data})
+
+
+def validate(params: Any) -> dict[str, Any]:
+    if not isinstance(params, dict):
+        raise ConfigError(f"{PARAMS_FILE}: expected a mapping of stage sections")
+    sections = set(SCHEMA) | {"train"}
+    unknown = sorted(set(params) - sections)
+    missing = sorted(sections - set(params))
+    if unknown:
+        raise ConfigError(f"{PARAMS_FILE}: unknown sections {unknown}; known sections: {sorted(sections)}")
+    if missing:
+        raise ConfigError(f"{PARAMS_FILE}: missing sections {missing}")
+    for name, schema in SCHEMA.items():
+        _check_section(name, params[name], schema)
+    interval = params["sweep"]["interval"]
+    if len(interval) != 2 or not all(_type_ok(v, float) for v in interval) or not 0 <= interval[0] < interval[1] <= 1:
+        raise ConfigError(f"sweep.interval={interval!r}: must be [low, high] with 0 <= low < high <= 1")
+
+    train = params["train"]
+    if not isinstance(train, dict):
+        raise ConfigError(f"train: expected a mapping, got {train!r}")
+    for key, expected in TRAIN_STAGE_KEYS.items():
+        if key not in train:
+            raise ConfigError(f"train.{key}: required key is missing")
+        if not _type_ok(train[key], expected):
+            raise ConfigError(f"train.{key}={train[key]!r}: must be {_type_name(expected)}")
+    try:
+        cfg = train_config(train, out_dir="checkpoints", data={"kind": "synthetic", "num_images": 1, "seed": 0})
+        accumulation_steps(cfg.global_batch, cfg.per_device_batch, train["nproc_per_node"])
+    except ConfigError as error:
+        raise ConfigError(f"train.{error}") from None
+    if cfg.model.image_size != params["shard"]["image_size"]:
+        raise ConfigError(
+            f"train.model.image_size={cfg.model.image_size}: must equal shard.image_size="
+            f"{params['shard']['image_size']} (the shards hold images of that size)"
+        )
+    return params
+
+
+def load_params(path: Path = PARAMS_FILE) -> dict[str, Any]:
+    """All sections of params.yaml, validated."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found (run the stages from the repository root)")
+    return validate(yaml.safe_load(path.read_text()))

@@ -1,0 +1,30 @@
+"""Stage shard: the listed images -> webdataset shards in data/shards/{train,val}."""
+
+import json
+from pathlib import Path
+
+from stages.manifest import OUT as MANIFESTS, SPLITS
+from stages.params import load_params
+from unite.data.shards import write_shards
+
+OUT = Path("data/shards")
+METRICS = Path("metrics/shard.json")
+
+
+def main() -> None:
+    params = load_params()
+    root, shard = Path(params["manifest"]["root"]), params["shard"]
+    summary = {}
+    for split in SPLITS:
+        index = write_shards(
+            root / split, MANIFESTS / f"{split}.tsv", OUT / split,
+            image_size=shard["image_size"], shard_size=shard["shard_size"], seed=shard["seed"],
+            store=shard["store"], png_level=shard["png_level"], workers=shard["workers"], strict=shard["strict"],
+        )
+        summary[split] = {key: index["totals"][key] for key in ("listed", "written", "skipped")}
+    METRICS.parent.mkdir(exist_ok=True)
+    METRICS.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

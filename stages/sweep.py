@@ -1,0 +1,47 @@
+"""Stage sweep: the adaptive CFG search on its own budget of samples (its own seed, not the images
+that evaluate reports). Writes metrics/sweep.json (chosen setting, every point) and
+metrics/sweep.tsv (Frechet distance vs CFG scale)."""
+
+from pathlib import Path
+
+from stages.export import OUT as MODEL
+from stages.fid_ref import OUT as REFERENCE
+from stages.params import load_params
+from stages.shard import OUT as SHARDS
+from unite.cfg_search import adaptive_cfg_search
+from unite.evaluation import feature_space, generate_and_score, load_exported_model, pick_device
+from unite.fid import GaussianStats, distance_key
+from unite.sampling import Guidance
+
+METRICS_JSON = Path("metrics/sweep.json")
+METRICS_TSV = Path("metrics/sweep.tsv")
+METRIC = "frechet_distance"
+
+
+def main() -> None:
+    params = load_params()
+    sweep, ref = params["sweep"], params["fid_ref"]
+    device = pick_device()
+    model = load_exported_model(MODEL, device)
+    space = feature_space(ref["feature_space"], SHARDS / "train", ref["inception_weights"], str(device))
+    reference = GaussianStats.load(REFERENCE)
+
+    def evaluate(scale: float, interval: tuple[float, float], norm_order: str) -> float:
+        guidance = Guidance(scale=scale, interval=interval, norm_order=norm_order)
+        scores, _, _ = generate_and_score(model, space, reference, sweep["num_images"], guidance, sweep["seed"],
+                                          sweep["solver"], sweep["steps"], sweep["block_size"])
+        value = scores[distance_key(ref["feature_space"])]
+        print(f"sweep: cfg {scale:.2f} interval {interval} {norm_order}: {METRIC} {value:.4f}", flush=True)
+        return value
+
+    result = adaptive_cfg_search(
+        evaluate, start=sweep["start_scale"], step=sweep["step"], max_extra_steps=sweep["max_extra_steps"],
+        interval=tuple(sweep["interval"]), norm_order=sweep["norm_order"], metric=METRIC,
+    )
+    result.write(METRICS_JSON, METRICS_TSV)
+    chosen = result.chosen
+    print(f"sweep: chose cfg {chosen.scale:.2f} ({METRIC} {chosen.value:.4f}) after {len(result.points)} points")
+
+
+if __name__ == "__main__":
+    main()

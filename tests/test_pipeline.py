@@ -1,0 +1,144 @@
+"""The real DVC pipeline on the demo, shrunk to a handful of steps and samples, in a temporary copy
+of the repository: a full `dvc repro`, a no-op rerun, an evaluation-only change, a SIGKILL of the
+train stage followed by a resuming rerun, and a corrupt source image."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "demo_data": {"image_size": 16},
+    "shard": {"shard_size": 100, "workers": 2},
+    "fid_ref": {"feature_space": "pixel"},
+    "train": {"max_steps": 4, "checkpoint_every": 2, "log_every": 2, "global_batch": 16, "per_device_batch": 16,
+              "num_workers": 1, "schedule": {"warmup_steps": 2, "hold_until_step": 3, "decay_until_step": 4,
+                                              "final_lr_factor": 0.5}},
+    "sweep": {"num_images": 20, "max_extra_steps": 1, "solver": "euler", "steps": 3, "block_size": 20},
+    "evaluate": {"num_images": 20, "solver": "euler", "steps": 3, "block_size": 20, "grid_per_class": 2},
+}
+
+
+def merge(base: dict, changes: dict) -> dict:
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+class Repo:
+    def __init__(self, path: Path):
+        self.path = path
+        self.env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+                    "PYTHONUNBUFFERED": "1"}
+
+    def run(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+        result = subprocess.run(args, cwd=self.path, env=self.env, capture_output=True, text=True, timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        return result
+
+    def set_params(self, changes: dict) -> None:
+        params_file = self.path / "params.yaml"
+        params_file.write_text(yaml.safe_dump(merge(yaml.safe_load(params_file.read_text()), changes)))
+
+    def metrics(self, name: str) -> dict:
+        return json.loads((self.path / "metrics" / f"{name}.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Repo:
+    path = tmp_path_factory.mktemp("pipeline") / "repo"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for name in files:
+        if (ROOT / name).is_file():
+            (path / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, path / name)
+    repo = Repo(path)
+    repo.set_params(TINY)
+    repo.run("git", "init", "-q")
+    repo.run("git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "init",
+             "--allow-empty")
+    repo.run("git", "add", "-A")
+    repo.run("git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "pipeline")
+    repo.first = repo.run("dvc", "repro")
+    return repo
+
+
+def test_repro_runs_every_stage_and_reports_metrics(repo):
+    for stage in ["demo_data", "manifest", "shard", "fid_ref", "train", "export", "sweep", "evaluate"]:
+        assert f"Running stage '{stage}'" in repo.first.stdout, stage
+    assert repo.metrics("train")["step"] == 4
+    sweep = repo.metrics("sweep")
+    assert len(sweep["points"]) >= 2 and sweep["chosen"]["frechet_distance"] >= 0
+    evaluation = repo.metrics("eval")
+    assert evaluation["generation"]["num_images"] == 20
+    assert 0 <= evaluation["generation"]["class_consistency"] <= 1
+    assert evaluation["reconstruction"]["num_images"] == repo.metrics("shard")["val"]["written"]
+    assert (repo.path / "samples" / "grid.png").is_file()
+    shown = json.loads(repo.run("dvc", "metrics", "show", "--json").stdout)
+    assert "metrics/eval.json" in json.dumps(shown)
+
+
+def test_second_repro_runs_nothing(repo):
+    start = time.monotonic()
+    result = repo.run("dvc", "repro")
+    assert time.monotonic() - start < 30
+    assert "Running stage" not in result.stdout
+    assert "Data and pipelines are up to date." in result.stdout
+
+
+def test_an_evaluation_param_reruns_only_evaluation(repo):
+    repo.set_params({"evaluate": {"seed": 5}})
+    result = repo.run("dvc", "repro")
+    assert "Running stage 'evaluate'" in result.stdout
+    for stage in ["demo_data", "manifest", "shard", "fid_ref", "train", "export", "sweep"]:
+        assert f"Running stage '{stage}'" not in result.stdout, stage
+
+
+def test_a_killed_train_stage_resumes(repo):
+    repo.set_params({"train": {"max_steps": 30, "checkpoint_every": 2}})
+    process = subprocess.Popen(["dvc", "repro", "train"], cwd=repo.path, env=repo.env, start_new_session=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    checkpoints = repo.path / "checkpoints"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not list(checkpoints.glob("*/checkpoints/step_*06.pt")):
+        assert process.poll() is None, process.stdout.read()
+        time.sleep(0.5)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    result = repo.run("dvc", "repro")
+    log = result.stdout + result.stderr
+    resumed = re.search(r"resuming from \S+ at step (\d+)", log)
+    assert resumed and int(resumed.group(1)) >= 6, log  # not the step-4 checkpoint of the first run
+    assert repo.metrics("train")["step"] == 30
+    assert "Running stage 'evaluate'" in result.stdout
+
+
+def test_a_corrupt_source_image_is_reported_and_the_pipeline_finishes(repo):
+    source = repo.path / "source"
+    shutil.copytree(repo.path / "data" / "raw", source)
+    (source / "train" / "3" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really an image")
+    repo.set_params({"manifest": {"root": "source"}, "train": {"max_steps": 4}})
+    repo.run("dvc", "repro")
+    index = json.loads((repo.path / "data" / "shards" / "train" / "index.json").read_text())
+    skipped = json.dumps(index["skipped"])
+    assert "broken.png" in skipped
+    assert repo.metrics("shard")["train"]["skipped"] == 1
+    assert repo.metrics("eval")["generation"]["num_images"] == 20

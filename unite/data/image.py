@@ -1,0 +1,54 @@
+"""Decoding to RGB and the ADM/JiT centre crop, shared by the sharder and both loaders."""
+
+from __future__ import annotations
+
+import io
+
+from PIL import Image
+
+# Extensions that torchvision's ImageFolder accepts; the folder loader lists only these.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def decode(data: bytes) -> Image.Image:
+    """Decode image bytes completely, so that a truncated or corrupt file fails here.
+
+    Raises PIL.UnidentifiedImageError when the bytes are no image and another exception when the
+    image is damaged.
+    """
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any mode (CMYK, grayscale, palette, alpha, 16-bit) to RGB as ImageFolder does.
+
+    Alpha is dropped, not composited; palette images with transparency go through RGBA so that
+    Pillow does not warn about it.
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
+def center_crop(image: Image.Image, size: int) -> Image.Image:
+    """The ADM/JiT centre crop: while the short side is >= 2 x size halve with BOX, then resize
+    the short side to size with BICUBIC (sizes rounded), then cut the centre size x size.
+
+    Images smaller than the crop are upsampled by the same BICUBIC step. An image already
+    size x size is returned unchanged, so the crop can be applied again at load time.
+    """
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(side // 2 for side in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    target = tuple(round(side * scale) for side in image.size)
+    if target != image.size:
+        image = image.resize(target, resample=Image.BICUBIC)
+    left = (image.size[0] - size) // 2
+    top = (image.size[1] - size) // 2
+    if (left, top) == (0, 0) and image.size == (size, size):
+        return image
+    return image.crop((left, top, left + size, top + size))
