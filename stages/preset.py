@@ -1,0 +1,55 @@
+"""Apply a recipe from presets/ to params.yaml: `python -m stages.preset unite-b` (or unite-l).
+
+Each key of a preset section replaces that key of params.yaml (a nested mapping such as
+train.model is replaced whole); everything else, comments included, stays. The result is
+validated, and `dvc params diff` shows the change.
+"""
+
+import argparse
+import io
+from pathlib import Path
+
+from ruamel.yaml import YAML
+
+from stages.params import PARAMS_FILE, validate
+
+PRESETS = Path("presets")
+
+
+def apply_preset(name: str, params_file: Path = PARAMS_FILE) -> list[str]:
+    """Rewrite params_file with the preset applied; returns the changed keys."""
+    preset_file = PRESETS / f"{name}.yaml"
+    if not preset_file.is_file():
+        known = sorted(p.stem for p in PRESETS.glob("*.yaml"))
+        raise SystemExit(f"preset {name!r}: no {preset_file}; known presets: {known}")
+    yaml = YAML()
+    yaml.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    params = yaml.load(params_file.read_text())
+    changed = []
+    for section, values in yaml.load(preset_file.read_text()).items():
+        if section not in params:
+            raise SystemExit(f"{preset_file}: unknown section {section!r}")
+        for key, value in values.items():
+            if params[section].get(key) != value:
+                params[section][key] = value
+                changed.append(f"{section}.{key}")
+    validate(YAML(typ="safe").load(_dump(yaml, params)))
+    params_file.write_text(_dump(yaml, params))
+    return changed
+
+
+def _dump(yaml: YAML, data) -> str:
+    stream = io.StringIO()
+    yaml.dump(data, stream)
+    return stream.getvalue()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("preset", help="name of a file in presets/, e.g. unite-b")
+    changed = apply_preset(parser.parse_args().preset)
+    print(f"{PARAMS_FILE}: {len(changed)} keys changed: {', '.join(changed)}")
+
+
+if __name__ == "__main__":
+    main()

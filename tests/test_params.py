@@ -1,0 +1,79 @@
+"""params.yaml: validation before any work, and the ImageNet presets."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.params import load_params, validate
+from stages.preset import apply_preset
+from unite.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def params() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_the_committed_params_are_valid():
+    assert load_params(ROOT / "params.yaml")["train"]["model"]["encoder"] == "Tiny"
+
+
+@pytest.mark.parametrize(
+    "path, value, text",
+    [
+        (("sweep", "seeed"), 1, "sweep: unknown keys ['seeed']"),
+        (("shard", "image_size"), "16", "shard.image_size='16': must be int"),
+        (("sweep", "solver"), "rk4", "sweep.solver='rk4': must be one of"),
+        (("train", "global_batch"), 100, "train.global_batch=100: must be a multiple of per_device_batch=64"),
+        (("train", "nproc_per_node"), 3, "global_batch=64"),
+        (("train", "lr"), 0.1, "unknown config keys ['lr']"),
+        (("sweep", "interval"), [0.5, 0.2], "sweep.interval=[0.5, 0.2]"),
+        (("demo_data",), None, "demo_data: expected a mapping"),
+    ],
+)
+def test_bad_params_name_the_key(params, path, value, text):
+    bad = copy.deepcopy(params)
+    section = bad
+    for key in path[:-1]:
+        section = section[key]
+    section[path[-1]] = value
+    with pytest.raises(ConfigError) as error:
+        validate(bad)
+    assert text in str(error.value)
+
+
+def test_model_and_shard_sizes_must_agree(params):
+    params["shard"]["image_size"] = 32
+    with pytest.raises(ConfigError, match="train.model.image_size=16: must equal shard.image_size=32"):
+        validate(params)
+
+
+@pytest.mark.parametrize("preset, encoder, steps", [("unite-b", "B", 300240), ("unite-l", "L", 150120)])
+def test_presets_switch_to_the_imagenet_recipe(tmp_path, monkeypatch, preset, encoder, steps):
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    shutil.copytree(ROOT / "presets", tmp_path / "presets")
+    monkeypatch.chdir(tmp_path)
+    changed = apply_preset(preset, Path("params.yaml"))
+    assert "train.model" in changed
+    result = load_params(Path("params.yaml"))
+    train = result["train"]
+    assert train["model"]["encoder"] == encoder and train["max_steps"] == steps
+    assert train["global_batch"] == 1024 and train["per_device_batch"] * train["nproc_per_node"] * 2 == 1024
+    assert result["evaluate"]["num_images"] == 50000 and result["fid_ref"]["feature_space"] == "inception"
+    text = Path("params.yaml").read_text()
+    assert "# Every knob of every stage" in text and "inception_weights: null" in text  # comments and nulls kept
+    assert apply_preset(preset, Path("params.yaml")) == []  # applying twice changes nothing
+
+
+def test_unknown_preset(tmp_path, monkeypatch):
+    shutil.copytree(ROOT / "presets", tmp_path / "presets")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="known presets: \\['unite-b', 'unite-l'\\]"):
+        apply_preset("unite-xl")
