@@ -101,3 +101,25 @@ def test_missing_entries_and_files_are_errors(parity_fixture, tmp_path):
         load_reference_state_dict(fresh_model(parity_fixture), {"model": parity_fixture["state_dict"]})
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_reference_state_dict(fresh_model(parity_fixture), tmp_path / "missing.pt")
+
+
+def test_import_reference_writes_an_export_that_predicts_like_the_reference(parity_fixture, parity_fixture_path, tmp_path):
+    from unite.evaluation import load_exported_model
+
+    out = tmp_path / "ema.safetensors"
+    # The fixture's model is this project's Tiny/Tiny size at the ImageNet geometry with 10 classes.
+    result = run_unite("import-reference", str(parity_fixture_path), "--out", str(out), "--encoder", "Tiny",
+                       "--decoder", "Tiny", "--num-classes", "10")
+    assert result.returncode == 0, result.stderr
+    model = load_exported_model(out, torch.device("cpu"))
+    inputs = parity_fixture["inputs"]
+    with torch.no_grad():
+        got = model.predict(inputs["x_t"], inputs["t"], inputs["labels"], normalize=False)
+    assert (got - parity_fixture["outputs"]["x_pred_cond"]).abs().max() < 1e-4
+
+
+def test_import_reference_of_the_wrong_size_fails_clearly(parity_fixture_path, tmp_path):
+    result = run_unite("import-reference", str(parity_fixture_path), "--out", str(tmp_path / "x.safetensors"),
+                       "--encoder", "B", "--num-classes", "10")
+    assert result.returncode != 0 and "shape mismatches" in result.stderr
+    assert not (tmp_path / "x.safetensors").exists()

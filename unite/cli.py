@@ -92,6 +92,30 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_reference(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from unite.config import model_config
+    from unite.model import UNITE
+    from unite.reference import load_reference_state_dict
+
+    cfg = model_config(args.encoder, args.decoder, perceptual_weight=0.0, num_classes=args.num_classes,
+                       image_size=args.image_size, patch_size=args.patch_size,
+                       num_latent_tokens=(args.image_size // args.patch_size) ** 2, latent_dim=args.latent_dim)
+    model = UNITE(cfg)
+    load_reference_state_dict(model, args.checkpoint, weights=args.weights)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out))
+    info = {"model_config": cfg.to_dict(), "source_checkpoint": str(args.checkpoint), "weights": args.weights}
+    out.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
+    print(f"unite import-reference: {args.weights} weights of {args.checkpoint} -> {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unite", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -137,6 +161,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--grid-per-class", type=int, default=8)
     gen.add_argument("--device", default="auto")
     gen.set_defaults(handler=_generate)
+
+    imp = commands.add_parser(
+        "import-reference", help="convert a released reference checkpoint to an EMA export for sampling"
+    )
+    imp.add_argument("checkpoint", help="reference .pt (holding model and ema) or a bare state dict")
+    imp.add_argument("--out", required=True, help="output .safetensors (a .json config is written beside it)")
+    imp.add_argument("--weights", default="ema", choices=["ema", "model"])
+    imp.add_argument("--encoder", default="B", help="encoder size name (Tiny, B, M, L, XL)")
+    imp.add_argument("--decoder", default="B", help="decoder size name (Tiny, S, B, L)")
+    imp.add_argument("--num-classes", type=int, default=1000)
+    imp.add_argument("--image-size", type=int, default=256)
+    imp.add_argument("--patch-size", type=int, default=16)
+    imp.add_argument("--latent-dim", type=int, default=32)
+    imp.set_defaults(handler=_import_reference)
 
     return parser
 

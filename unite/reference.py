@@ -71,7 +71,8 @@ def reference_to_project_name(name: str) -> str:
 def select_state_dict(
     checkpoint: Mapping[str, Any], weights: Literal["ema", "model"] = "ema"
 ) -> Mapping[str, Tensor]:
-    """The state dict inside a released checkpoint (`ema` or `model`), or the bare state dict."""
+    """The state dict inside a released checkpoint (`ema` or `model`), under `state_dict`, or the
+    bare state dict itself."""
     if weights not in ("ema", "model"):
         raise ValueError(f"weights={weights!r}: must be 'ema' or 'model'")
     if "model" in checkpoint or "ema" in checkpoint:
@@ -81,6 +82,8 @@ def select_state_dict(
                 f"(it holds {sorted(checkpoint)})"
             )
         return checkpoint[weights]
+    if isinstance(checkpoint.get("state_dict"), Mapping):  # e.g. a parity fixture
+        return checkpoint["state_dict"]
     return checkpoint
 
 
