@@ -275,3 +275,13 @@ def test_bad_training_labels_are_rejected(small_model, labels, text):
     with pytest.raises(ValueError, match="labels") as error:
         small_model(torch.rand(2, 3, 32, 32), labels)
     assert text in str(error.value)
+
+
+def test_rope_rotates_adjacent_channel_pairs():
+    # The spec's definition written out: q' = q cos + rot(q) sin with rot(x0, x1) = (-x1, x0).
+    from unite.model import apply_rope, rope_complex
+
+    x = torch.randn(2, 3, 5, 8)
+    cos, sin = rope_tables(5, 8)
+    rotated = torch.stack([-x[..., 1::2], x[..., 0::2]], dim=-1).flatten(-2)
+    assert torch.allclose(apply_rope(x, rope_complex(cos, sin)), x * cos + rotated * sin, atol=1e-6)

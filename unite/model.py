@@ -22,7 +22,8 @@ def shift_time(t: Tensor, alpha: float) -> Tensor:
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    return x * (1 + scale) + shift
+    """x (1 + scale) + shift, as one fused kernel."""
+    return torch.addcmul(shift, x, 1 + scale)
 
 
 def sincos_1d(num_positions: int, dim: int) -> Tensor:
@@ -58,11 +59,18 @@ def rope_tables(num_positions: int, head_dim: int) -> tuple[Tensor, Tensor]:
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate adjacent channel pairs (x0, x1) of x (..., L, head_dim) by position-dependent angles."""
-    pairs = x.unflatten(-1, (-1, 2))
-    rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
-    return x * cos + rotated * sin
+def rope_complex(cos: Tensor, sin: Tensor) -> Tensor:
+    """The rotations of a (L, head_dim) cos/sin table as (L, head_dim/2) complex64 numbers
+    cos + i sin (one per adjacent channel pair)."""
+    return torch.complex(cos[:, 0::2].float(), sin[:, 0::2].float())
+
+
+def apply_rope(x: Tensor, rotation: Tensor) -> Tensor:
+    """Rotate adjacent channel pairs (x0, x1) of x (..., L, head_dim) by position-dependent
+    angles, as one complex multiply: (x0 + i x1)(cos + i sin) = (x0 cos - x1 sin) + i (x1 cos +
+    x0 sin). Computed in float32."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
+    return torch.view_as_real(pairs * rotation).flatten(-2)
 
 
 class RMSNorm(nn.Module):
@@ -74,6 +82,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # The same computation with the weight fused into the norm kernel (no cast needed).
+            return F.rms_norm(x, (x.shape[-1],), self.weight, eps=self.eps)
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
@@ -88,11 +99,12 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(dim // heads) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, rotation: Tensor) -> Tensor:
+        """x (B, L, dim); rotation: the RoPE table as complex numbers (L, head_dim / 2)."""
         batch, length, dim = x.shape
         q, k, v = self.qkv(x).view(batch, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        q = apply_rope(self.q_norm(q), cos, sin).to(v.dtype)
-        k = apply_rope(self.k_norm(k), cos, sin).to(v.dtype)
+        q = apply_rope(self.q_norm(q), rotation).to(v.dtype)
+        k = apply_rope(self.k_norm(k), rotation).to(v.dtype)
         out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(batch, length, dim))
 
@@ -121,11 +133,11 @@ class EncoderBlock(nn.Module):
         self.norm3 = RMSNorm(dim)
         self.modulation = nn.Linear(dim, 6 * dim)
 
-    def forward(self, x: Tensor, c: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, c: Tensor, rotation: Tensor) -> Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
             self.modulation(F.silu(c)).unsqueeze(1).chunk(6, dim=-1)
         )
-        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), cos, sin)
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rotation)
         x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return self.norm3(x)
 
@@ -197,17 +209,19 @@ class GenerativeEncoder(nn.Module):
         label_emb = self.label_embed(labels)
         c = self.time_embed(t) + label_emb
 
-        cos, sin = self.rope_cos[:length], self.rope_sin[:length]
+        # The RoPE tables as complex rotations (built per call, not stored: a complex buffer
+        # would not survive module.to(dtype)); the attention applies them in one multiply.
+        rotation = rope_complex(self.rope_cos[:length], self.rope_sin[:length])
         for index, block in enumerate(self.blocks):
             if index == self.in_context_start:
                 in_context = label_emb.unsqueeze(1) + self.in_context_pos
                 x = torch.cat([in_context.to(x.dtype), x], dim=1)
-                cos = self.rope_cos_ctx[: self.in_context_len + length]
-                sin = self.rope_sin_ctx[: self.in_context_len + length]
+                end = self.in_context_len + length
+                rotation = rope_complex(self.rope_cos_ctx[:end], self.rope_sin_ctx[:end])
             if self.checkpoint_blocks and torch.is_grad_enabled():
-                x = checkpoint(block, x, c, cos, sin, use_reentrant=False)
+                x = checkpoint(block, x, c, rotation, use_reentrant=False)
             else:
-                x = block(x, c, cos, sin)
+                x = block(x, c, rotation)
 
         x = x[:, self.in_context_len : self.in_context_len + num_latent]
         shift, scale = self.final_modulation(F.silu(c)).unsqueeze(1).chunk(2, dim=-1)
