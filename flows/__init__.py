@@ -1,0 +1,1 @@
+"""Prefect flows that run the repository's DVC pipeline (see `flows.pipeline`)."""

@@ -1,0 +1,367 @@
+"""The Prefect flow against a Prefect test server and throw-away DVC repositories.
+
+One session-scoped `prefect_test_harness` (it takes ~12 s to start); each test copies a
+git+DVC template repository and writes its own trivial stages (`stages.py <name>`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["DO_NOT_TRACK"] = "1"
+os.environ["DVC_NO_ANALYTICS"] = "1"
+if "PREFECT_HOME" not in os.environ:  # keep the user's ~/.prefect untouched
+    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="prefect-home-")
+    atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
+
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+from prefect import get_client  # noqa: E402
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId  # noqa: E402
+from prefect.client.schemas.objects import TaskRun  # noqa: E402
+from prefect.deployments import run_deployment  # noqa: E402
+from prefect.logging.handlers import APILogWorker  # noqa: E402
+from prefect.settings import PREFECT_API_URL  # noqa: E402
+from prefect.states import Cancelling  # noqa: E402
+from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+
+from flows.pipeline import LOCK_MESSAGE, METRICS_KEY, SUMMARY_KEY, DvcError, _terminal_line, pipeline  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = shlex.quote(sys.executable)
+
+STAGES_PY = '''
+import json, os, signal, sys
+from pathlib import Path
+import yaml
+
+def params():
+    return yaml.safe_load(Path("params.yaml").read_text())
+
+def bump(name):
+    """Count executions in an untracked file, so tests see how often DVC ran a stage."""
+    counter = Path(f"{name}.count")
+    n = int(counter.read_text()) + 1 if counter.exists() else 1
+    counter.write_text(str(n))
+    return n
+
+def prepare():
+    n = params()["prepare"]["n"]
+    Path("data").mkdir(exist_ok=True)
+    Path("data/numbers.txt").write_text(" ".join(str(i) for i in range(1, n + 1)))
+    print(f"prepare: n={n} experiment={os.environ.get('DVC_EXP_NAME')}")
+
+def train():
+    scale = params()["train"]["scale"]
+    total = scale * sum(int(x) for x in Path("data/numbers.txt").read_text().split())
+    Path("model.txt").write_text(str(total))
+    print(f"train: total={total}")
+
+def evaluate():
+    total = int(Path("model.txt").read_text())
+    Path("metrics").mkdir(exist_ok=True)
+    Path("metrics/eval.json").write_text(json.dumps({"score": total, "detail": {"half": total / 2}}))
+    Path("grids").mkdir(exist_ok=True)
+    Path("grids/class_0.png").write_bytes(b"not really a png")
+    print(f"evaluate: score={total}")
+
+def broken():
+    bump("broken")
+    print("broken: bad input")
+    sys.exit(3)
+
+def flaky():
+    if bump("flaky") == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    Path("flaky.txt").write_text("ok")
+
+def plain():
+    bump("plain")
+    Path("plain.txt").write_text("ok")
+
+globals()[sys.argv[1]]()
+'''
+
+DEMO_STAGES: dict[str, Any] = {
+    "prepare": {"cmd": f"{PY} stages.py prepare", "params": ["prepare.n"], "outs": ["data"]},
+    "train": {"cmd": f"{PY} stages.py train", "deps": ["data"], "params": ["train.scale"],
+              "outs": ["model.txt"]},
+    "evaluate": {"cmd": f"{PY} stages.py evaluate", "deps": ["model.txt"], "outs": ["grids"],
+                 "metrics": [{"metrics/eval.json": {"cache": False}}]},
+}
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture(scope="session")
+def harness() -> Iterator[None]:
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def template_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = tmp_path_factory.mktemp("template") / "repo"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    _git(repo, "config", "user.email", "test@example.com")
+    _git(repo, "config", "user.name", "test")
+    for args in (["init", "-q"], ["config", "core.analytics", "false"], ["config", "core.check_update", "false"]):
+        subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, check=True)
+    (repo / "stages.py").write_text(STAGES_PY)
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "dvc init")
+    return repo
+
+
+@pytest.fixture
+def make_repo(template_repo: Path, tmp_path: Path) -> Callable[..., Path]:
+    """A fresh committed DVC repository with the given stages (dvc.yaml order kept)."""
+
+    def make(stages: dict[str, Any], metrics: list[str] | None = None) -> Path:
+        repo = tmp_path / "repo"
+        shutil.copytree(template_repo, repo)
+        (repo / "params.yaml").write_text(yaml.safe_dump({"prepare": {"n": 3}, "train": {"scale": 2}}))
+        dvc_yaml: dict[str, Any] = {"stages": stages, **({"metrics": metrics} if metrics else {})}
+        (repo / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
+        _git(repo, "add", "-A")
+        _git(repo, "commit", "-qm", "pipeline")
+        return repo
+
+    return make
+
+
+def _task_runs(flow_run_id: UUID) -> list[TaskRun]:
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return sorted(runs, key=lambda r: r.start_time or r.expected_start_time)
+
+
+def _logs(flow_run_id: UUID) -> list[str]:
+    APILogWorker.drain_all(timeout=10)
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return [log.message for log in logs]
+
+
+def _artifacts(flow_run_id: UUID) -> dict[str, Any]:
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {a.key: json.loads(a.data) if a.type == "table" else a.data for a in found}
+
+
+def _stage_run(flow_run_id: UUID, stage: str) -> TaskRun:
+    (run,) = [r for r in _task_runs(flow_run_id) if r.name == stage]
+    return run
+
+
+def _first_index(lines: list[str], text: str) -> int:
+    return next(i for i, line in enumerate(lines) if text in line)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def _wait_until(condition: Callable[[], bool], seconds: float, every: float = 0.1) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(every)
+    return True
+
+
+def test_terminal_line_keeps_last_progress_state() -> None:
+    assert _terminal_line(b"step 1\r step 2\rstep 3\r\n") == "step 3"
+    assert _terminal_line("caf\u00e9\n".encode()) == "caf\u00e9"
+
+
+def test_runs_stages_in_dvc_order_publishes_artifacts_and_reruns_nothing(
+    harness: None, make_repo: Callable[..., Path]
+) -> None:
+    repo = make_repo(DEMO_STAGES, metrics=["metrics/eval.json"])
+    state = pipeline(repo_dir=str(repo), retry_delay_s=0, return_state=True)
+    assert state.is_completed(), state.message
+    assert state.result() == {"metrics/eval.json": {"score": 12, "detail.half": 6.0}}
+
+    flow_run_id = state.state_details.flow_run_id
+    stage_runs = [r.name for r in _task_runs(flow_run_id) if r.name in DEMO_STAGES]
+    assert stage_runs == ["prepare", "train", "evaluate"]
+    logs = _logs(flow_run_id)
+    assert _first_index(logs, "prepare: n=3") < _first_index(logs, "train: total=12") < _first_index(
+        logs, "evaluate: score=12"
+    )
+
+    artifacts = _artifacts(flow_run_id)
+    assert {"file": "metrics/eval.json", "metric": "score", "value": 12} in artifacts[METRICS_KEY]
+    summary = artifacts[SUMMARY_KEY]
+    assert "| evaluate | ran |" in summary and "| score | 12 |" in summary
+    assert "`grids/class_0.png`" in summary
+
+    outputs = [repo / "data" / "numbers.txt", repo / "model.txt", repo / "metrics" / "eval.json"]
+    mtimes = [p.stat().st_mtime_ns for p in outputs]
+    again = pipeline(repo_dir=str(repo), retry_delay_s=0, return_state=True)
+    assert again.is_completed(), again.message
+    assert [p.stat().st_mtime_ns for p in outputs] == mtimes
+    again_id = again.state_details.flow_run_id
+    assert "Stage 'train' didn't change, skipping" in "\n".join(_logs(again_id))
+    assert "| prepare | up to date |" in _artifacts(again_id)[SUMMARY_KEY]
+
+
+def test_params_pass_through_and_are_saved_as_a_dvc_experiment(
+    harness: None, make_repo: Callable[..., Path]
+) -> None:
+    repo = make_repo(DEMO_STAGES, metrics=["metrics/eval.json"])
+    state = pipeline(repo_dir=str(repo), target="train", params={"prepare.n": 5, "train.scale": "3"},
+                     exp_name="n5", retry_delay_s=0, return_state=True)
+    assert state.is_completed(), state.message
+    assert (repo / "model.txt").read_text() == "45"
+    assert "prepare: n=5 experiment=n5" in _logs(state.state_details.flow_run_id)
+    assert not (repo / "metrics" / "eval.json").exists()  # evaluate is downstream of the target
+    assert [r.name for r in _task_runs(state.state_details.flow_run_id) if r.name in DEMO_STAGES] == [
+        "prepare", "train"
+    ]
+
+    refs = _git(repo, "for-each-ref", "--format=%(refname)", "refs/exps").split()
+    (ref,) = [r for r in refs if not r.startswith("refs/exps/exec/")]  # exec/: DVC's scratch refs
+    assert ref.endswith("/n5")
+    assert yaml.safe_load(_git(repo, "show", f"{ref}:params.yaml")) == {"prepare": {"n": 5}, "train": {"scale": 3}}
+    assert set(yaml.safe_load(_git(repo, "show", f"{ref}:dvc.lock"))["stages"]) == {"prepare", "train"}
+
+    # Bad params stop the run before any stage, and the message names the key.
+    for params, exp_name, match in (
+        ({"prepare.n": 6}, "n5", "exp_name 'n5'"),
+        ({"prepare.m": 6}, "typo", "prepare.m"),
+    ):
+        failed = pipeline(repo_dir=str(repo), params=params, exp_name=exp_name, retry_delay_s=0, return_state=True)
+        assert failed.is_failed()
+        with pytest.raises(ValueError, match=match):
+            failed.result()
+        assert not [r for r in _task_runs(failed.state_details.flow_run_id) if r.name in DEMO_STAGES]
+    assert yaml.safe_load((repo / "params.yaml").read_text())["prepare"]["n"] == 5
+
+
+def test_only_transient_failures_are_retried(harness: None, make_repo: Callable[..., Path]) -> None:
+    """`flaky` is SIGKILLed on its first run (retried); `broken` exits 3 (fails at once)."""
+    repo = make_repo({
+        "flaky": {"cmd": f"{PY} stages.py flaky", "outs": ["flaky.txt"]},
+        "broken": {"cmd": f"{PY} stages.py broken", "deps": ["flaky.txt"], "outs": ["never.txt"]},
+    })
+    state = pipeline(repo_dir=str(repo), retries=2, retry_delay_s=0, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(DvcError, match="stage 'broken' failed .*not retried"):
+        state.result()
+    flow_run_id = state.state_details.flow_run_id
+    assert (repo / "flaky.count").read_text() == "2"
+    assert _stage_run(flow_run_id, "flaky").run_count == 2
+    assert (repo / "broken.count").read_text() == "1"
+    assert _stage_run(flow_run_id, "broken").run_count == 1
+    logs = _logs(flow_run_id)
+    assert any("stage 'flaky': transient failure, the stage command was killed" in line for line in logs)
+    assert "broken: bad input" in logs
+
+
+def test_held_dvc_lock_is_retried(harness: None, make_repo: Callable[..., Path]) -> None:
+    """Another DVC process holds the repository lock for the first attempt only."""
+    from dvc.lock import make_lock
+
+    repo = make_repo({"plain": {"cmd": f"{PY} stages.py plain", "outs": ["plain.txt"]}})
+    lock = make_lock(str(repo / ".dvc" / "tmp" / "lock"))
+    lock.lock()
+
+    class ReleaseOnLockError(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if LOCK_MESSAGE in record.getMessage() and lock.is_locked:
+                lock.unlock()
+
+    handler = ReleaseOnLockError()
+    task_logger = logging.getLogger("prefect.task_runs")
+    task_logger.addHandler(handler)
+    try:
+        state = pipeline(repo_dir=str(repo), retries=2, retry_delay_s=0, return_state=True)
+    finally:
+        task_logger.removeHandler(handler)
+        if lock.is_locked:
+            lock.unlock()
+    assert state.is_completed(), state.message
+    assert (repo / "plain.count").read_text() == "1"
+    assert _stage_run(state.state_details.flow_run_id, "plain").run_count == 2
+
+
+def test_timeout_kills_the_stage_process_group(harness: None, make_repo: Callable[..., Path]) -> None:
+    """The child ignores SIGTERM, so it only dies by the SIGKILL after the grace period."""
+    cmd = "trap '' TERM; sleep 300 & echo $! > child.pid; wait"
+    repo = make_repo({"hang": {"cmd": cmd, "outs": ["never.txt"]}})
+    start = time.monotonic()
+    state = pipeline(repo_dir=str(repo), stage_timeout_s=7, kill_grace_s=1, retries=2, retry_delay_s=0,
+                     return_state=True)
+    assert state.is_failed()
+    assert time.monotonic() - start < 60
+    child = int((repo / "child.pid").read_text())
+    assert _wait_until(lambda: not _alive(child), 5), f"sleep {child} survived the timeout"
+    assert _stage_run(state.state_details.flow_run_id, "hang").run_count == 1
+
+
+def test_served_deployment_runs_on_cron_and_cancel_kills_the_stage_group(
+    harness: None, make_repo: Callable[..., Path]
+) -> None:
+    """`serve` registers the cron deployment; cancelling its run (as the UI does) makes the
+    runner SIGTERM the flow-run process, which must take the stage's process group with it."""
+    repo = make_repo({"hang": {"cmd": "sleep 300 & echo $! > child.pid; wait", "outs": ["never.txt"]}})
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "flows.pipeline", "serve", "--cron", "5 4 * * *", "--name", "nightly",
+         "--repo", str(repo)],
+        cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        with get_client(sync_client=True) as client:
+            deployment = None
+
+            def registered() -> bool:
+                nonlocal deployment
+                found = client.read_deployments()
+                deployment = next((d for d in found if d.name == "nightly"), None)
+                return deployment is not None
+
+            assert _wait_until(registered, 60, every=0.5), "serve registered no deployment"
+            assert deployment is not None
+            assert [s.schedule.cron for s in deployment.schedules] == ["5 4 * * *"]
+            assert deployment.parameters["repo_dir"] == str(repo)
+
+            flow_run = run_deployment(deployment.id, timeout=0)
+            pid_file = repo / "child.pid"
+            assert _wait_until(lambda: pid_file.is_file() and pid_file.read_text().strip() != "", 60)
+            child = int(pid_file.read_text())
+            assert _alive(child)
+            client.set_flow_run_state(flow_run.id, Cancelling())
+            assert _wait_until(lambda: client.read_flow_run(flow_run.id).state.is_cancelled(), 60, every=0.5)
+        assert _wait_until(lambda: not _alive(child), 5), f"sleep {child} survived the cancelled run"
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
