@@ -20,6 +20,7 @@ from unite.evaluation import (feature_space, generate_and_score, load_exported_m
 from unite.fid import GaussianStats
 from unite.generate import sample_grid
 from unite.metrics import PixelClassifier, class_consistency, reconstruction_metrics
+from unite.perceptual import build_lpips
 from unite.sampling import Guidance
 
 OUT = Path("samples")
@@ -50,8 +51,10 @@ def main() -> None:
         train_images, train_labels = load_split(SHARDS / "train")
         judge = PixelClassifier(train_images, train_labels)
         metrics["generation"]["class_consistency"] = class_consistency(judge, images.permute(0, 3, 1, 2), labels)
+    lpips = build_lpips().to(device) if evaluate["lpips"] else None
     metrics["reconstruction"] = reconstruction_metrics(
         reconstruct(model, SHARDS / "val", evaluate["block_size"], evaluate["recon_images"]), feature_space=space,
+        lpips=lpips,
     )
 
     OUT.mkdir(exist_ok=True)

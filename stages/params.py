@@ -25,12 +25,13 @@ SCHEMA: dict[str, dict[str, Any]] = {
               "seed": int, "strict": bool},
     "fid_ref": {"feature_space": str, "stats": (str, None), "inception_weights": (str, None), "batch_size": int},
     "sweep": {"num_images": int, "seed": int, "start_scale": float, "step": float, "max_extra_steps": int,
-              "interval": list, "norm_order": str, "solver": str, "steps": int, "block_size": int},
+              "interval": list, "norm_order": str, "solver": str, "steps": int, "block_size": int,
+              "wide_intervals": list, "wide_norm_orders": list},
     "evaluate": {"num_images": int, "seed": int, "solver": str, "steps": int, "block_size": int,
-                 "grid_per_class": int, "recon_images": int, "class_consistency": bool},
+                 "grid_per_class": int, "recon_images": int, "class_consistency": bool, "lpips": bool},
 }
 CHOICES = {
-    ("shard", "store"): ("png", "source"),
+    ("shard", "store"): ("png", "npy", "source"),
     ("fid_ref", "feature_space"): ("inception", "pixel", "classifier"),
     ("sweep", "norm_order"): ("norm_first", "cfg_first", "both"),
     ("sweep", "solver"): ("dopri5", "heun", "euler"),
@@ -94,6 +95,12 @@ def validate(params: Any) -> dict[str, Any]:
     interval = params["sweep"]["interval"]
     if len(interval) != 2 or not all(_type_ok(v, float) for v in interval) or not 0 <= interval[0] < interval[1] <= 1:
         raise ConfigError(f"sweep.interval={interval!r}: must be [low, high] with 0 <= low < high <= 1")
+    for low_high in params["sweep"]["wide_intervals"]:
+        if not isinstance(low_high, list) or len(low_high) != 2 or not 0 <= low_high[0] < low_high[1] <= 1:
+            raise ConfigError(f"sweep.wide_intervals: {low_high!r} must be [low, high] with 0 <= low < high <= 1")
+    for order in params["sweep"]["wide_norm_orders"]:
+        if order not in CHOICES[("sweep", "norm_order")]:
+            raise ConfigError(f"sweep.wide_norm_orders: {order!r} must be one of {list(CHOICES[('sweep', 'norm_order')])}")
 
     train = params["train"]
     if not isinstance(train, dict):

@@ -1,5 +1,6 @@
 """Stage sweep: the adaptive CFG search on its own budget of samples (its own seed, not the images
-that evaluate reports). Writes metrics/sweep.json (chosen setting, every point) and
+that evaluate reports), optionally followed by a wider sweep of CFG intervals and normalisation
+orders at the best scale. Writes metrics/sweep.json (chosen setting, every point) and
 metrics/sweep.tsv (Frechet distance vs CFG scale)."""
 
 from pathlib import Path
@@ -8,7 +9,7 @@ from stages.export import OUT as MODEL
 from stages.fid_ref import OUT as REFERENCE
 from stages.params import load_params
 from stages.shard import OUT as SHARDS
-from unite.cfg_search import adaptive_cfg_search
+from unite.cfg_search import CfgResult, adaptive_cfg_search, cfg_sweep
 from unite.evaluation import feature_space, generate_and_score, load_exported_model, pick_device
 from unite.fid import GaussianStats, distance_key
 from unite.sampling import Guidance
@@ -38,6 +39,14 @@ def main() -> None:
         evaluate, start=sweep["start_scale"], step=sweep["step"], max_extra_steps=sweep["max_extra_steps"],
         interval=tuple(sweep["interval"]), norm_order=sweep["norm_order"], metric=METRIC,
     )
+    if sweep["wide_intervals"] or sweep["wide_norm_orders"]:
+        # The wider sweep: other CFG intervals and normalisation orders at the best scale.
+        wide = cfg_sweep(
+            evaluate, [result.chosen.scale], [tuple(i) for i in sweep["wide_intervals"]] or [tuple(sweep["interval"])],
+            sweep["wide_norm_orders"] or [sweep["norm_order"]], known=result.points, metric=METRIC,
+        )
+        points = result.points + [p for p in wide.points if p not in result.points]
+        result = CfgResult(min(points, key=lambda p: p.value), points, METRIC)
     result.write(METRICS_JSON, METRICS_TSV)
     chosen = result.chosen
     print(f"sweep: chose cfg {chosen.scale:.2f} ({METRIC} {chosen.value:.4f}) after {len(result.points)} points")

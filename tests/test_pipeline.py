@@ -27,7 +27,8 @@ TINY = {
     "train": {"max_steps": 4, "checkpoint_every": 2, "log_every": 2, "global_batch": 16, "per_device_batch": 16,
               "num_workers": 1, "schedule": {"warmup_steps": 2, "hold_until_step": 3, "decay_until_step": 4,
                                               "final_lr_factor": 0.5}},
-    "sweep": {"num_images": 20, "max_extra_steps": 1, "solver": "euler", "steps": 3, "block_size": 20},
+    "sweep": {"num_images": 20, "max_extra_steps": 1, "solver": "euler", "steps": 3, "block_size": 20,
+              "wide_norm_orders": ["cfg_first"]},
     "evaluate": {"num_images": 20, "solver": "euler", "steps": 3, "block_size": 20, "grid_per_class": 2},
 }
 
@@ -86,7 +87,8 @@ def test_repro_runs_every_stage_and_reports_metrics(repo):
         assert f"Running stage '{stage}'" in repo.first.stdout, stage
     assert repo.metrics("train")["step"] == 4
     sweep = repo.metrics("sweep")
-    assert len(sweep["points"]) >= 2 and sweep["chosen"]["frechet_distance"] >= 0
+    assert len(sweep["points"]) >= 3 and sweep["chosen"]["frechet_distance"] >= 0
+    assert [p["stage"] for p in sweep["points"]][-1] == "sweep" and sweep["points"][-1]["norm_order"] == "cfg_first"
     evaluation = repo.metrics("eval")
     assert evaluation["generation"]["num_images"] == 20
     assert 0 <= evaluation["generation"]["class_consistency"] <= 1

@@ -55,7 +55,8 @@ def lpips_distance(lpips: nn.Module, originals: Tensor, reconstructions: Tensor)
     was_training = lpips.training
     lpips.eval()
     try:
-        distance = lpips(originals * 2 - 1, reconstructions * 2 - 1)
+        device = next(lpips.parameters(), originals).device  # a parameter-free module runs where the images are
+        distance = lpips(originals.to(device) * 2 - 1, reconstructions.to(device) * 2 - 1)
     finally:
         lpips.train(was_training)
     return distance.flatten().to(torch.float64).cpu()
