@@ -6,8 +6,9 @@ sample photographs bundled with scikit-learn, then reports medians over --repeat
 - sharding throughput (images/s) with --workers processes, and `tar` of the same folder as the
   physical reference;
 - loader throughput (decoded, flipped, batched float images/s, --workers DataLoader workers)
-  from PNG shards (default level 1, and level 0), from source-bytes shards, and from the raw
-  folder (the reference path: JPEG decode + centre crop per image), one training epoch per run;
+  from PNG shards (default level 1, and level 0), from npy shards (uint8 pixels, no image
+  decoding), from source-bytes shards, and from the raw folder (the reference path: JPEG decode
+  + centre crop per image), one training epoch per run;
 - the CPU cost per image of each step of both paths, which explains the loader ratio.
 
 Variants run interleaved within each repeat, so that load from other users of the machine hits
@@ -37,6 +38,7 @@ from PIL import Image
 from sklearn.datasets import load_sample_images
 
 from unite.data import center_crop, decode, folder_loader, shard_loader, to_rgb, write_manifest, write_shards
+from unite.data.loaders import _pixels
 
 # (width, height) and their shares among the generated images, close to ImageNet's mix.
 SIZES = (((500, 375), 0.6), ((375, 500), 0.25), ((500, 333), 0.15))
@@ -85,6 +87,11 @@ def stage_costs(root: Path, image_size: int, samples: int = 200) -> dict[str, fl
     jpegs = [path.read_bytes() for path in files]
     decoded = [to_rgb(decode(data)) for data in jpegs]
     crops = [center_crop(image, image_size) for image in decoded]
+    npys = []
+    for crop in crops:
+        buffer = io.BytesIO()
+        np.save(buffer, np.asarray(crop), allow_pickle=False)
+        npys.append(buffer.getvalue())
     pngs = {level: [] for level in (1, 0)}
     for level, encoded in pngs.items():
         for crop in crops:
@@ -107,8 +114,11 @@ def stage_costs(root: Path, image_size: int, samples: int = 200) -> dict[str, fl
         "PNG encode, level 1": per_image(lambda crop: crop.save(io.BytesIO(), format="PNG", compress_level=1), crops),
         "PNG decode, level 1": per_image(decode, pngs[1]),
         "PNG decode, level 0": per_image(decode, pngs[0]),
+        "npy read": per_image(lambda data: _pixels("npy", data, image_size), npys),
         "flip + uint8 CHW tensor": per_image(lambda a: np.ascontiguousarray(a[:, ::-1].transpose(2, 0, 1)), arrays),
-        "float [0, 1] conversion": per_image(lambda b: b.float().div_(255), [batch] * 8) / 64,
+        "float [0, 1] conversion": per_image(
+            lambda b: torch.empty(b.shape, dtype=torch.float32).copy_(b).div_(255), [batch] * 8
+        ) / 64,
     }
 
 
@@ -137,7 +147,8 @@ def main() -> None:
 
     shard_options = {"image_size": args.image_size, "shard_size": args.shard_size, "workers": args.workers,
                      "progress": False}
-    stores = {"png": {}, "png level 0": {"png_level": 0}, "source bytes": {"store": "source"}}
+    stores = {"png": {}, "png level 0": {"png_level": 0}, "npy": {"store": "npy"},
+              "source bytes": {"store": "source"}}
     out = {name: work / f"shards_{name.replace(' ', '_')}" for name in stores}
     rates: dict[str, list[float]] = {}  # images per second (wall clock)
     costs: dict[str, list[float]] = {}  # CPU milliseconds per image, all processes

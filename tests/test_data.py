@@ -103,16 +103,18 @@ def read_tar_samples(path: Path) -> dict[str, dict[str, bytes]]:
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory) -> dict:
-    """60 images in 3 classes, sharded as PNG crops (9 shards of <= 7) and as source bytes."""
+    """60 images in 3 classes, sharded as PNG crops (9 shards of <= 7), as npy crops and as source
+    bytes."""
     tmp = tmp_path_factory.mktemp("sharded")
     root = make_folder(tmp / "images", {"a": 20, "b.dotted": 25, "c": 15})
     manifest = tmp / "manifest.tsv"
     write_manifest(root, manifest, progress=False)
     index = write_shards(root, manifest, tmp / "shards", image_size=SIZE, shard_size=7, workers=2, progress=False)
     write_shards(root, manifest, tmp / "source", image_size=SIZE, shard_size=7, store="source", progress=False)
+    write_shards(root, manifest, tmp / "npy", image_size=SIZE, shard_size=7, store="npy", workers=2, progress=False)
     listing = read_manifest(manifest)
     return {"root": root, "manifest": manifest, "shards": tmp / "shards", "source": tmp / "source",
-            "index": index, "listing": listing}
+            "npy": tmp / "npy", "index": index, "listing": listing}
 
 
 # ---------------------------------------------------------------- centre crop and RGB
@@ -285,6 +287,21 @@ def test_source_store_keeps_the_untouched_bytes(sharded):
             rel = listing.rows[int(key)][0]
             assert set(fields) == {"jpg", "cls", "path"}
             assert fields["jpg"] == (sharded["root"] / rel).read_bytes()
+
+
+def test_npy_store_keeps_the_crop_pixels_byte_identically(tmp_path, sharded):
+    again = write_shards(sharded["root"], sharded["manifest"], tmp_path / "npy", image_size=SIZE, shard_size=7,
+                         store="npy", workers=1, progress=False)
+    assert again == read_index(sharded["npy"]) and again["params"]["store"] == "npy"
+    assert shard_dir_digests(tmp_path / "npy") == shard_dir_digests(sharded["npy"])
+    listing = sharded["listing"]
+    for shard in again["shards"]:
+        for key, fields in read_tar_samples(sharded["npy"] / shard["name"]).items():
+            assert set(fields) == {"npy", "cls", "path"}
+            pixels = np.load(io.BytesIO(fields["npy"]), allow_pickle=False)
+            assert pixels.dtype == np.uint8 and pixels.shape == (SIZE, SIZE, 3)
+            source = Image.open(sharded["root"] / listing.rows[int(key)][0])
+            np.testing.assert_array_equal(pixels, adm_center_crop_arr(source, SIZE))
 
 
 def _bad_folder(root: Path) -> dict[str, str]:
@@ -544,6 +561,41 @@ def test_source_shards_load_the_same_images_as_png_shards(sharded):
     png, source = images(sharded["shards"]), images(sharded["source"])
     assert png.keys() == source.keys() and len(png) == 60
     assert all(torch.equal(png[k], source[k]) for k in png)
+
+
+@pytest.mark.parametrize("flip", [True, False])
+def test_npy_shards_load_exactly_the_batches_of_png_shards(sharded, flip):
+    def batches(shards, train):
+        loader = shard_loader(shards, 8, train=train, flip=flip, seed=4, rank=0, world_size=1, num_workers=2)
+        return [(b.images, b.labels, b.keys) for b in _epoch(loader, 3)]
+
+    for train in (True, False):
+        png, npy = batches(sharded["shards"], train), batches(sharded["npy"], train)
+        assert len(png) == len(npy) > 0
+        for (png_images, png_labels, png_keys), (images, labels, keys) in zip(png, npy):
+            assert images.dtype == torch.float32 and labels.dtype == torch.int64
+            assert keys == png_keys and torch.equal(labels, png_labels) and torch.equal(images, png_images)
+
+
+def test_a_damaged_npy_sample_is_skipped_and_counted(tmp_path, sharded):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(sharded["npy"], damaged)
+    victim = damaged / "shard-000000.tar"
+    samples = read_tar_samples(victim)
+    key = sorted(samples)[0]
+    bad = io.BytesIO()
+    np.save(bad, np.zeros((SIZE, SIZE), np.uint8))  # grayscale: the wrong shape
+    with tarfile.open(victim, "w") as tar:
+        for name, fields in sorted(samples.items()):
+            for field, data in fields.items():
+                data = bad.getvalue() if (name, field) == (key, "npy") else data
+                info = tarfile.TarInfo(f"{name}.{field}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    loader = shard_loader(damaged, 4, train=False, num_workers=0)
+    with pytest.warns(RuntimeWarning, match=rf"sample '{key}'.*expected C-ordered uint8 \({SIZE}, {SIZE}, 3\)"):
+        keys = [k for b in _epoch(loader) for k in b.keys]
+    assert len(keys) == 59 and key not in keys and loader.lost == 1
 
 
 def test_truncated_shard_is_reported_skipped_and_counted(tmp_path, sharded):

@@ -1,0 +1,62 @@
+"""Sampler cost and quality side by side: NFE, images/s and Frechet distance of each solver.
+
+Run after the demo pipeline (it reads the EMA export, the shards and the reference statistics):
+
+    .venv/bin/python benchmarks/bench_sampling.py --num-images 200 --cfg-scale 1.5
+
+Each solver generates the same class-balanced images (same seed) at the same guidance; the
+Frechet distance uses the pipeline's feature space and reference statistics, and class
+consistency the pixel classifier of the evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from stages.export import OUT as MODEL
+from stages.fid_ref import OUT as REFERENCE
+from stages.params import load_params
+from stages.shard import OUT as SHARDS
+from unite.evaluation import feature_space, generate_and_score, load_exported_model, load_split
+from unite.fid import GaussianStats, distance_key
+from unite.metrics import PixelClassifier, class_consistency
+from unite.sampling import Guidance, sample_latents
+
+SOLVERS = [("dopri5", 0), ("heun", 25), ("heun", 50), ("euler", 25), ("euler", 50)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-images", type=int, default=200)
+    parser.add_argument("--cfg-scale", type=float, default=1.5)
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args()
+
+    ref = load_params()["fid_ref"]
+    model = load_exported_model(MODEL, torch.device("cpu"))
+    space = feature_space(ref["feature_space"], SHARDS / "train", ref["inception_weights"])
+    reference = GaussianStats.load(REFERENCE)
+    judge = PixelClassifier(*load_split(SHARDS / "train"))
+    guidance = Guidance(scale=args.cfg_scale)
+    cfg = model.cfg
+    probe = torch.randn(args.num_images, cfg.num_latent_tokens, cfg.latent_dim)
+    probe_labels = torch.arange(args.num_images) % cfg.num_classes
+
+    print(f"{args.num_images} images, cfg {args.cfg_scale}, {ref['feature_space']} features, {torch.get_num_threads()} threads")
+    print(f"{'solver':<10} {'NFE':>4} {'images/s':>9} {'FD':>8} {'class-consistency':>18}")
+    for solver, steps in SOLVERS:
+        start = time.perf_counter()
+        _, nfe = sample_latents(model, probe, probe_labels, guidance, solver=solver, steps=max(steps, 1))
+        rate = args.num_images / (time.perf_counter() - start)
+        scores, images, labels = generate_and_score(model, space, reference, args.num_images, guidance, args.seed,
+                                                    solver, max(steps, 1), args.num_images)
+        consistency = class_consistency(judge, images.permute(0, 3, 1, 2), labels)
+        name = solver if solver == "dopri5" else f"{solver} {steps}"
+        print(f"{name:<10} {nfe:>4} {rate:>9.1f} {scores[distance_key(ref['feature_space'])]:>8.3f} {consistency:>18.3f}")
+
+
+if __name__ == "__main__":
+    main()
