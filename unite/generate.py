@@ -19,6 +19,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
+from unite import fid
 from unite.model import UNITE
 from unite.sampling import Guidance, sample
 
@@ -49,8 +50,8 @@ def rank_blocks(num_images: int, block_size: int, rank: int = 0, world_size: int
 
 
 def to_uint8(images: Tensor) -> Tensor:
-    """[0, 1] float (B, 3, H, W) -> uint8 (B, H, W, 3): x * 255 clamped and truncated."""
-    return (images * 255).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+    """[0, 1] float (B, 3, H, W) -> uint8 (B, H, W, 3), quantised as the FID protocol does."""
+    return fid.to_uint8(images).permute(0, 2, 3, 1).cpu()
 
 
 @torch.no_grad()
