@@ -110,8 +110,11 @@ def _git(repo: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def harness() -> Iterator[None]:
+    """A temporary Prefect server for this module only: while it runs, the events client's
+    websocket keepalive pings draw from the global `random` generator, which would break the
+    bit-exact RNG checks of the training tests that run later in the same process."""
     with prefect_test_harness(server_startup_timeout=120):
         yield
 
