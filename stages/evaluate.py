@@ -1,6 +1,8 @@
 """Stage evaluate: the reported scores at the setting the sweep chose, on a separate seed:
 Frechet distance (FID in Inception space, with IS), class consistency, reconstruction metrics on
-the validation split, a per-class sample grid, and the provenance of the run."""
+the validation split, a per-class sample grid, and the provenance of the run.
+
+Runs under torchrun: every rank generates its share of the images; rank 0 does the rest."""
 
 import json
 import platform
@@ -15,8 +17,8 @@ from stages.fid_ref import OUT as REFERENCE
 from stages.params import load_params
 from stages.shard import OUT as SHARDS
 from stages.sweep import METRICS_JSON as SWEEP
-from unite.evaluation import (feature_space, generate_and_score, load_exported_model, load_split, pick_device,
-                              reconstruct)
+from unite.distributed import close_runtime, init_runtime
+from unite.evaluation import feature_space, generate_and_score, load_exported_model, load_split, reconstruct
 from unite.fid import GaussianStats
 from unite.generate import sample_grid
 from unite.metrics import PixelClassifier, class_consistency, reconstruction_metrics
@@ -36,26 +38,30 @@ def provenance(device: torch.device) -> dict:
 def main() -> None:
     params = load_params()
     evaluate, ref = params["evaluate"], params["fid_ref"]
-    device = pick_device()
+    runtime = init_runtime()
+    device = runtime.device
     model = load_exported_model(MODEL, device)
-    space = feature_space(ref["feature_space"], SHARDS / "train", ref["inception_weights"], str(device))
     chosen = json.loads(SWEEP.read_text())["chosen"]
     guidance = Guidance(scale=chosen["scale"], interval=tuple(chosen["interval"]), norm_order=chosen["norm_order"])
+    space = reference = None
+    if runtime.is_main:
+        space = feature_space(ref["feature_space"], SHARDS / "train", ref["inception_weights"], str(device))
+        reference = GaussianStats.load(REFERENCE)
 
-    scores, images, labels = generate_and_score(
-        model, space, GaussianStats.load(REFERENCE), evaluate["num_images"], guidance, evaluate["seed"],
-        evaluate["solver"], evaluate["steps"], evaluate["block_size"],
-    )
+    scored = generate_and_score(model, space, reference, evaluate["num_images"], guidance, evaluate["seed"],
+                                evaluate["solver"], evaluate["steps"], evaluate["block_size"], runtime)
+    close_runtime()
+    if not runtime.is_main:
+        return
+    scores, images, labels = scored
     metrics = {"generation": {**scores, "cfg_scale": guidance.scale, "solver": evaluate["solver"]}}
     if evaluate["class_consistency"]:
         train_images, train_labels = load_split(SHARDS / "train")
         judge = PixelClassifier(train_images, train_labels)
         metrics["generation"]["class_consistency"] = class_consistency(judge, images.permute(0, 3, 1, 2), labels)
     lpips = build_lpips().to(device) if evaluate["lpips"] else None
-    metrics["reconstruction"] = reconstruction_metrics(
-        reconstruct(model, SHARDS / "val", evaluate["block_size"], evaluate["recon_images"]), feature_space=space,
-        lpips=lpips,
-    )
+    pairs = reconstruct(model, SHARDS / "val", evaluate["block_size"], evaluate["recon_images"], evaluate["seed"])
+    metrics["reconstruction"] = reconstruction_metrics(pairs, feature_space=space, lpips=lpips)
 
     OUT.mkdir(exist_ok=True)
     np.savez(OUT / "images.npz", images.numpy())

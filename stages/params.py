@@ -24,10 +24,10 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "shard": {"image_size": int, "shard_size": int, "store": str, "png_level": int, "workers": int,
               "seed": int, "strict": bool},
     "fid_ref": {"feature_space": str, "stats": (str, None), "inception_weights": (str, None), "batch_size": int},
-    "sweep": {"num_images": int, "seed": int, "start_scale": float, "step": float, "max_extra_steps": int,
+    "sweep": {"nproc_per_node": int, "num_images": int, "seed": int, "start_scale": float, "step": float, "max_extra_steps": int,
               "interval": list, "norm_order": str, "solver": str, "steps": int, "block_size": int,
               "wide_intervals": list, "wide_norm_orders": list},
-    "evaluate": {"num_images": int, "seed": int, "solver": str, "steps": int, "block_size": int,
+    "evaluate": {"nproc_per_node": int, "num_images": int, "seed": int, "solver": str, "steps": int, "block_size": int,
                  "grid_per_class": int, "recon_images": int, "class_consistency": bool, "lpips": bool},
 }
 CHOICES = {
@@ -92,6 +92,9 @@ def validate(params: Any) -> dict[str, Any]:
         raise ConfigError(f"{PARAMS_FILE}: missing sections {missing}")
     for name, schema in SCHEMA.items():
         _check_section(name, params[name], schema)
+    for name in ("sweep", "evaluate"):
+        if params[name]["nproc_per_node"] < 1:
+            raise ConfigError(f"{name}.nproc_per_node={params[name]['nproc_per_node']}: must be >= 1")
     interval = params["sweep"]["interval"]
     if len(interval) != 2 or not all(_type_ok(v, float) for v in interval) or not 0 <= interval[0] < interval[1] <= 1:
         raise ConfigError(f"sweep.interval={interval!r}: must be [low, high] with 0 <= low < high <= 1")

@@ -35,6 +35,7 @@ def test_the_committed_params_are_valid():
         (("train", "nproc_per_node"), 3, "x world_size=3"),
         (("train", "lr"), 0.1, "unknown config keys ['lr']"),
         (("sweep", "interval"), [0.5, 0.2], "sweep.interval=[0.5, 0.2]"),
+        (("evaluate", "nproc_per_node"), 0, "evaluate.nproc_per_node=0: must be >= 1"),
         (("demo_data",), None, "demo_data: expected a mapping"),
     ],
 )

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -27,9 +28,10 @@ TINY = {
     "train": {"max_steps": 4, "checkpoint_every": 2, "log_every": 2, "global_batch": 16, "per_device_batch": 16,
               "num_workers": 1, "schedule": {"warmup_steps": 2, "hold_until_step": 3, "decay_until_step": 4,
                                               "final_lr_factor": 0.5}},
-    "sweep": {"num_images": 20, "max_extra_steps": 1, "solver": "euler", "steps": 3, "block_size": 20,
+    # Blocks of 7 of 20 images: with 2 ranks, rank 0 makes two blocks and rank 1 one.
+    "sweep": {"num_images": 20, "max_extra_steps": 1, "solver": "euler", "steps": 3, "block_size": 7,
               "wide_norm_orders": ["cfg_first"]},
-    "evaluate": {"num_images": 20, "solver": "euler", "steps": 3, "block_size": 20, "grid_per_class": 2},
+    "evaluate": {"num_images": 20, "solver": "euler", "steps": 3, "block_size": 7, "grid_per_class": 2},
 }
 
 
@@ -45,8 +47,10 @@ def merge(base: dict, changes: dict) -> dict:
 class Repo:
     def __init__(self, path: Path):
         self.path = path
+        # One thread per process, as torchrun gives each of several ranks: CPU float reductions
+        # depend on the thread count, and the two-rank test compares metrics bit for bit.
         self.env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-                    "PYTHONUNBUFFERED": "1"}
+                    "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
     def run(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
         result = subprocess.run(args, cwd=self.path, env=self.env, capture_output=True, text=True, timeout=timeout)
@@ -112,6 +116,21 @@ def test_an_evaluation_param_reruns_only_evaluation(repo):
     assert "Running stage 'evaluate'" in result.stdout
     for stage in ["demo_data", "manifest", "shard", "fid_ref", "train", "export", "sweep"]:
         assert f"Running stage '{stage}'" not in result.stdout, stage
+
+
+def test_two_ranks_sweep_and_evaluate_exactly_as_one(repo):
+    before = {name: repo.metrics(name) for name in ("sweep", "eval")}
+    with np.load(repo.path / "samples" / "images.npz") as data:
+        images = data["arr_0"]
+    repo.set_params({"sweep": {"nproc_per_node": 2}, "evaluate": {"nproc_per_node": 2}})
+    result = repo.run("dvc", "repro")
+    assert "Running stage 'sweep'" in result.stdout and "Running stage 'evaluate'" in result.stdout
+    assert "Running stage 'train'" not in result.stdout
+    assert repo.metrics("sweep") == before["sweep"]
+    assert repo.metrics("eval") == before["eval"]
+    with np.load(repo.path / "samples" / "images.npz") as data:
+        assert np.array_equal(data["arr_0"], images)
+    repo.set_params({"sweep": {"nproc_per_node": 1}, "evaluate": {"nproc_per_node": 1}})
 
 
 def test_a_killed_train_stage_resumes(repo):

@@ -20,11 +20,11 @@ import yaml
 
 from test_train import assert_same_training_state, child_env, train_config, train_values
 from unite.checkpoint import latest_checkpoint, load_checkpoint
+from unite.distributed import Runtime
 from unite.model import UNITE
 from unite.train import (
     DataPosition,
     Engine,
-    Runtime,
     TensorBatches,
     build_schedule,
     micro_batches,

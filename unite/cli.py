@@ -49,34 +49,32 @@ def _add_feature_args(command: argparse.ArgumentParser) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    import os
     from pathlib import Path
 
-    import torch
-    import torch.distributed as dist
-
-    from unite.evaluation import load_exported_model, pick_device
+    from unite.config import ConfigError
+    from unite.distributed import close_runtime, init_runtime
+    from unite.evaluation import load_exported_model
     from unite.generate import generate, sample_grid, write_npz, write_pngs
     from unite.sampling import Guidance
 
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    device = pick_device(args.device)
-    if world_size > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    model = load_exported_model(args.model, device)
+    try:
+        runtime = init_runtime(args.device)
+    except ConfigError as exc:
+        print(f"unite generate: error: {exc}", file=sys.stderr)
+        return 2
+    model = load_exported_model(args.model, runtime.device)
     guidance = Guidance(scale=args.cfg_scale, interval=tuple(args.interval), norm_order=args.norm_order)
     out = Path(args.out)
     for indices, _, images in generate(model, args.num_images, guidance, seed=args.seed, block_size=args.block_size,
-                                       rank=rank, world_size=world_size, solver=args.solver, steps=args.steps):
+                                       rank=runtime.rank, world_size=runtime.world_size, solver=args.solver,
+                                       steps=args.steps):
         write_pngs(out, indices, images)
-    if world_size > 1:
+    if runtime.world_size > 1:
+        import torch.distributed as dist
+
         dist.barrier()
-        dist.destroy_process_group()
-    if rank == 0:
+    close_runtime()
+    if runtime.is_main:
         if args.npz:
             write_npz(out, args.num_images, Path(args.npz))
         if args.grid:
@@ -159,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--npz", help="also write all images as one uint8 (N, H, W, 3) npz")
     gen.add_argument("--grid", help="also write a per-class sample grid PNG")
     gen.add_argument("--grid-per-class", type=int, default=8)
-    gen.add_argument("--device", default="auto")
+    gen.add_argument("--device", default="auto", help="auto, cpu, cuda (ranks take cuda:LOCAL_RANK) or cuda:N")
     gen.set_defaults(handler=_generate)
 
     imp = commands.add_parser(

@@ -13,15 +13,10 @@ from torch import Tensor
 from unite.checkpoint import load_exported
 from unite.data.loaders import shard_loader
 from unite.fid import FeatureSpace, GaussianStats, build_feature_space, evaluate_images
-from unite.generate import generate
+from unite.distributed import Runtime
+from unite.generate import generate_all
 from unite.model import UNITE
 from unite.sampling import Guidance
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def load_exported_model(path: str | Path, device: torch.device) -> UNITE:
@@ -56,32 +51,41 @@ def feature_space(
 
 def generate_and_score(
     model: UNITE,
-    space: FeatureSpace,
-    reference: GaussianStats,
+    space: FeatureSpace | None,
+    reference: GaussianStats | None,
     num_images: int,
     guidance: Guidance,
     seed: int,
     solver: str,
     steps: int,
     block_size: int,
-) -> tuple[dict, Tensor, Tensor]:
-    """Generate class-balanced images and score them against the reference statistics.
+    runtime: Runtime | None = None,
+) -> tuple[dict, Tensor, Tensor] | None:
+    """Generate class-balanced images (on every rank of `runtime`) and score them against the
+    reference statistics on the main process, which alone needs `space` and `reference`.
 
-    Returns (scores, uint8 images (N, H, W, 3), labels)."""
-    images, labels = [], []
-    for _, block_labels, block in generate(model, num_images, guidance, seed=seed, block_size=block_size,
-                                           solver=solver, steps=steps):
-        images.append(block)
-        labels.append(block_labels)
-    images_nhwc, labels_all = torch.cat(images), torch.cat(labels)
-    batches = (images_nhwc[i : i + block_size].permute(0, 3, 1, 2) for i in range(0, num_images, block_size))
+    Returns (scores, uint8 images (N, H, W, 3), labels) on the main process, None elsewhere."""
+    runtime = runtime or Runtime(0, 1, next(model.parameters()).device)
+    generated = generate_all(model, num_images, guidance, runtime, seed=seed, block_size=block_size, solver=solver,
+                             steps=steps)
+    if generated is None:
+        return None
+    images, labels = generated
+    batches = (images[i : i + block_size].permute(0, 3, 1, 2) for i in range(0, num_images, block_size))
     scores = evaluate_images(batches, reference, space, total=num_images, progress=False)
-    return scores, images_nhwc, labels_all
+    return scores, images, labels
 
 
-def reconstruct(model: UNITE, shard_dir: str | Path, batch_size: int, limit: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-    """(originals, reconstructions) [0, 1] batches of a split: tokenize, decode, clamp."""
+def reconstruct(
+    model: UNITE, shard_dir: str | Path, batch_size: int, limit: int = 0, seed: int = 0
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """(originals, reconstructions) [0, 1] batches of a split: tokenize, decode, clamp.
+
+    Tokenization draws a noise latent and a small t; they come from a generator seeded with
+    `seed`, so the metrics do not depend on what else the process has drawn."""
+    cfg = model.cfg
     device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
     seen = 0
     with torch.no_grad():
         for images, _ in real_batches(shard_dir, batch_size):
@@ -91,4 +95,7 @@ def reconstruct(model: UNITE, shard_dir: str | Path, batch_size: int, limit: int
                 images = images[: limit - seen]
             seen += len(images)
             x = images.to(device).float() / 255
-            yield x.cpu(), model.decode(model.tokenize(x)).clamp(0, 1).cpu()
+            noise = torch.randn((len(x), cfg.num_latent_tokens, cfg.latent_dim), generator=generator)
+            t = torch.rand(len(x), generator=generator) * cfg.recon_t_max
+            latents = model.tokenize(x, noise=noise.to(device), t=t.to(device))
+            yield x.cpu(), model.decode(latents).clamp(0, 1).cpu()

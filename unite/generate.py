@@ -15,11 +15,13 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
 from unite import fid
+from unite.distributed import Runtime
 from unite.model import UNITE
 from unite.sampling import Guidance, sample
 
@@ -84,6 +86,41 @@ def generate(
         bar.update(len(block))
         yield block, block_labels, to_uint8(out.images)
     bar.close()
+
+
+def generate_all(
+    model: UNITE,
+    num_images: int,
+    guidance: Guidance,
+    runtime: Runtime,
+    seed: int = 0,
+    block_size: int = 64,
+    solver: str = "dopri5",
+    steps: int = 49,
+) -> tuple[Tensor, Tensor] | None:
+    """Every rank generates its blocks; the main process gets all (uint8 images (N, H, W, 3),
+    labels) in index order, the same as one process would make; other ranks get None."""
+    local = {block.start: images for block, _, images in generate(
+        model, num_images, guidance, seed=seed, block_size=block_size, rank=runtime.rank,
+        world_size=runtime.world_size, solver=solver, steps=steps)}
+    labels = class_balanced_labels(num_images, model.cfg.num_classes)
+    if runtime.world_size == 1:
+        return torch.cat([local[start] for start in sorted(local)]), labels
+    # Block n belongs to rank n % world_size (see rank_blocks); owners send theirs to rank 0 in order.
+    size = model.cfg.image_size
+    parts = []
+    for number, block in enumerate(rank_blocks(num_images, block_size)):
+        owner = number % runtime.world_size
+        if runtime.is_main:
+            if owner == 0:
+                parts.append(local[block.start])
+            else:
+                buffer = torch.empty((len(block), size, size, 3), dtype=torch.uint8, device=runtime.device)
+                dist.recv(buffer, src=owner)
+                parts.append(buffer.cpu())
+        elif owner == runtime.rank:
+            dist.send(local[block.start].to(runtime.device).contiguous(), dst=0)
+    return (torch.cat(parts), labels) if runtime.is_main else None
 
 
 def write_pngs(folder: Path, indices: Sequence[int], images: Tensor) -> None:

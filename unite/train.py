@@ -54,6 +54,7 @@ from unite.checkpoint import (
     save_checkpoint,
 )
 from unite.config import ConfigError, ModelConfig, model_config
+from unite.distributed import Runtime, init_runtime
 from unite.model import UNITE
 from unite.optim import (
     EMA,
@@ -369,35 +370,6 @@ def global_rng_untouched() -> Iterator[None]:
 
 
 # ------------------------------------------------------------------------------ processes
-@dataclass(frozen=True)
-class Runtime:
-    rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_runtime(device: str) -> Runtime:
-    """One process, or one rank of a torchrun launch (NCCL on CUDA, gloo on CPU)."""
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if use_cuda and not torch.cuda.is_available():
-        raise ConfigError("device='cuda': CUDA is not available on this machine")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    target = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(target)
-    if world_size > 1 and not dist.is_initialized():
-        if use_cuda:
-            dist.init_process_group("nccl", device_id=target)
-        else:
-            dist.init_process_group("gloo")
-    return Runtime(dist.get_rank() if world_size > 1 else 0, world_size, target)
-
-
 def rank_seed(seed: int, rank: int) -> int:
     """A distinct, reproducible training seed per rank (noise draws differ across ranks)."""
     return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
