@@ -32,6 +32,7 @@ from unite.data import (
     list_image_folder,
     read_index,
     read_manifest,
+    read_shard,
     shard_loader,
     shard_plan,
     to_rgb,
@@ -505,17 +506,17 @@ def test_balanced_epochs_give_every_rank_the_same_full_batches(sharded):
         shard_loader(sharded["shards"], 4, rank=2, world_size=2)
 
 
-def test_shard_loader_batches_are_float_crops_with_labels(sharded):
+def test_shard_loader_batches_are_uint8_crops_with_labels(sharded):
     listing = sharded["listing"]
     crops = {f"{row:08d}": adm_center_crop_arr(Image.open(sharded["root"] / rel), SIZE)
              for row, (rel, _, _) in enumerate(listing.rows)}
     flips = 0
     for batch in _epoch(shard_loader(sharded["shards"], 8, train=True, seed=0, rank=0, world_size=1,
                                      num_workers=2)):
-        assert batch.images.dtype == torch.float32 and batch.labels.dtype == torch.int64
+        assert batch.images.dtype == torch.uint8 and batch.labels.dtype == torch.int64
         for image, label, key in zip(batch.images, batch.labels, batch.keys):
             assert int(label) == listing.rows[int(key)][2]
-            pixels = (image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+            pixels = image.permute(1, 2, 0).numpy()
             flipped = np.array_equal(pixels, crops[key][:, ::-1])
             assert flipped or np.array_equal(pixels, crops[key])
             flips += flipped
@@ -529,11 +530,11 @@ def test_shard_loader_batches_are_float_crops_with_labels(sharded):
         assert sum(len(batch.keys) for batch in batches) == 56
         for batch in batches:
             for image, key in zip(batch.images, batch.keys):
-                pixels = (image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+                pixels = image.permute(1, 2, 0).numpy()
                 assert np.array_equal(pixels, crops[row_key.get(key, key)])
     for batch in _epoch(shard_loader(sharded["shards"], 8, train=False, num_workers=0)):
         for image, key in zip(batch.images, batch.keys):
-            assert np.array_equal((image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy(), crops[key])
+            assert np.array_equal(image.permute(1, 2, 0).numpy(), crops[key])
 
 
 def test_shard_loader_order_is_reproducible_from_seed_and_epoch(sharded):
@@ -573,7 +574,7 @@ def test_npy_shards_load_exactly_the_batches_of_png_shards(sharded, flip):
         png, npy = batches(sharded["shards"], train), batches(sharded["npy"], train)
         assert len(png) == len(npy) > 0
         for (png_images, png_labels, png_keys), (images, labels, keys) in zip(png, npy):
-            assert images.dtype == torch.float32 and labels.dtype == torch.int64
+            assert images.dtype == torch.uint8 and labels.dtype == torch.int64
             assert keys == png_keys and torch.equal(labels, png_labels) and torch.equal(images, png_images)
 
 
@@ -596,6 +597,39 @@ def test_a_damaged_npy_sample_is_skipped_and_counted(tmp_path, sharded):
     with pytest.warns(RuntimeWarning, match=rf"sample '{key}'.*expected C-ordered uint8 \({SIZE}, {SIZE}, 3\)"):
         keys = [k for b in _epoch(loader) for k in b.keys]
     assert len(keys) == 59 and key not in keys and loader.lost == 1
+
+
+@pytest.mark.parametrize("store", ["shards", "npy", "source"])
+def test_read_shard_gives_what_tarfile_reads(sharded, store):
+    for path in sorted(sharded[store].glob("*.tar")):
+        samples = list(read_shard(path))
+        expected = read_tar_samples(path)
+        assert [s["__key__"] for s in samples] == list(expected)  # file order, one sample per key
+        for sample in samples:
+            assert sample.pop("__url__") == str(path)
+            assert {k: v for k, v in sample.items() if k != "__key__"} == expected[sample["__key__"]]
+
+
+def test_a_damaged_tar_header_stops_the_shard_after_its_good_samples(tmp_path, sharded):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(sharded["shards"], damaged)
+    victim = damaged / "shard-000002.tar"
+    data = bytearray(victim.read_bytes())
+    with tarfile.open(victim) as tar:
+        members = [m.offset for m in tar.getmembers()]
+    data[members[6] + 3] ^= 0xFF  # the name of the third sample's first member
+    victim.write_bytes(bytes(data))
+    good = []
+    with pytest.raises(DataError, match=rf"damaged tar header at byte {members[6]}"):
+        for sample in read_shard(victim):
+            good.append(sample["__key__"])
+    # The second sample may have had more members behind the damaged header: only the first is
+    # known to be complete.
+    assert good == list(read_tar_samples(sharded["shards"] / "shard-000002.tar"))[:1]
+    loader = shard_loader(damaged, 4, train=False, num_workers=0)
+    with pytest.warns(RuntimeWarning, match=r"shard-000002.tar: read 1 of 7 samples \(DataError"):
+        keys = [k for b in _epoch(loader) for k in b.keys]
+    assert len(keys) == 54 and loader.lost == 6
 
 
 def test_truncated_shard_is_reported_skipped_and_counted(tmp_path, sharded):

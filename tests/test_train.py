@@ -260,6 +260,20 @@ def plain_dataloader() -> IterableSource:
     return IterableSource(DataLoader(TensorDataset(images, labels), batch_size=4))
 
 
+def test_uint8_batches_train_exactly_as_their_floats(tmp_path: Path) -> None:
+    """Loaders ship uint8 images; the trainer's on-device conversion equals feeding x / 255."""
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (20, 3, 16, 16), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, 10, (20,), generator=generator)
+    as_bytes = [(pixels[i : i + 4], labels[i : i + 4]) for i in range(0, 20, 4)]
+    as_floats = [(images.float() / 255, batch_labels) for images, batch_labels in as_bytes]
+    first = train(train_config(tmp_path / "bytes"), data=as_bytes)
+    second = train(train_config(tmp_path / "floats"), data=as_floats)
+    a, b = load_checkpoint(first.checkpoint), load_checkpoint(second.checkpoint)
+    assert_identical(a["model"], b["model"], "model")
+    assert_identical(a["ema"], b["ema"], "ema")
+
+
 @pytest.mark.parametrize("source", ["synthetic", "dataloader"])
 def test_exact_resume_single_process(tmp_path: Path, source: str) -> None:
     """4 steps straight == 2 steps, stop, resume, 2 more: weights, EMA, optimizer states, RNG

@@ -30,7 +30,7 @@ def load_exported_model(path: str | Path, device: torch.device) -> UNITE:
 def real_batches(shard_dir: str | Path, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
     """(uint8 images (B, 3, H, W), labels) of a shard split, in its sorted order, no flips."""
     for batch in shard_loader(shard_dir, batch_size, train=False, exact=True, num_workers=0):
-        yield (batch.images * 255).round().to(torch.uint8), batch.labels
+        yield batch.images, batch.labels
 
 
 def load_split(shard_dir: str | Path, batch_size: int = 256) -> tuple[Tensor, Tensor]:

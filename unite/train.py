@@ -248,8 +248,9 @@ def accumulation_steps(global_batch: int, per_device_batch: int, world_size: int
 @runtime_checkable
 class BatchSource(Protocol):
     def batches(self, epoch: int, skip: int) -> Iterable[tuple[Tensor, Tensor]]:
-        """This rank's micro-batches (images (B,3,S,S) in [0,1], int64 labels (B,)) of `epoch`,
-        leaving out its first `skip`; the same (epoch, skip) must give the same batches."""
+        """This rank's micro-batches (images (B,3,S,S): float in [0,1] or uint8, int64 labels
+        (B,)) of `epoch`, leaving out its first `skip`; the same (epoch, skip) must give the same
+        batches."""
         ...
 
 
@@ -464,6 +465,8 @@ class Engine:
         for micro in range(self.accum):
             images, labels = next(batches)
             images = images.to(device, non_blocking=True)
+            if images.dtype == torch.uint8:  # loaders ship bytes; floats are made on the device
+                images = images.float().div_(255)
             labels = labels.to(device, torch.long, non_blocking=True)
             # Gradients are all-reduced on the last micro-batch only.
             last = micro == self.accum - 1

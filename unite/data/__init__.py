@@ -9,7 +9,7 @@ from unite.data.errors import DataError
 from unite.data.image import center_crop, decode, to_rgb
 from unite.data.loaders import Batch, FolderDataset, Loader, ShardStream, folder_loader, shard_loader
 from unite.data.manifest import Manifest, list_image_folder, read_manifest, write_manifest
-from unite.data.shards import read_index, shard_name, shard_plan, write_shards
+from unite.data.shards import read_index, read_shard, shard_name, shard_plan, write_shards
 
 __all__ = [
     "Batch",
@@ -24,6 +24,7 @@ __all__ = [
     "list_image_folder",
     "read_index",
     "read_manifest",
+    "read_shard",
     "shard_loader",
     "shard_name",
     "shard_plan",
