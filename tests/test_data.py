@@ -554,6 +554,23 @@ def test_shard_loader_order_is_reproducible_from_seed_and_epoch(sharded):
     assert [k for b in _epoch(val, 5) for k in b.keys] == in_files
 
 
+@pytest.mark.parametrize("workers", [0, 2, 3])
+def test_a_skip_gives_the_rest_of_the_epoch(sharded, workers):
+    """A resume mid-epoch: batches(epoch, skip) are the epoch's batches after the first skip,
+    flips included (balanced epochs skip without decoding; validation drops loaded batches)."""
+    for train in (True, False):
+        loader = shard_loader(sharded["shards"], 4, train=train, seed=2, rank=0, world_size=1, num_workers=workers)
+        whole = [(b.images, b.labels, b.keys) for b in loader.batches(1, 0)]
+        assert len(whole) == len(loader) >= 15  # validation: partial batches per worker
+        for skip in (1, 2, 4, 7, len(whole) - 1, len(whole)):
+            rest = [(b.images, b.labels, b.keys) for b in loader.batches(1, skip)]
+            assert len(rest) == len(whole) - skip
+            for (images, labels, keys), (want_images, want_labels, want_keys) in zip(rest, whole[skip:]):
+                assert keys == want_keys and torch.equal(labels, want_labels) and torch.equal(images, want_images)
+        again = [b.keys for b in loader]  # the skip applied to one iteration only
+        assert again == [keys for _, _, keys in whole]
+
+
 def test_source_shards_load_the_same_images_as_png_shards(sharded):
     def images(shards):
         return {k: img for b in _epoch(shard_loader(shards, 16, train=False, num_workers=0))

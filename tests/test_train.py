@@ -14,13 +14,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
 from unite.checkpoint import list_checkpoints, load_checkpoint
 from unite.config import ConfigError, model_config
+from unite.data import shard_loader, write_manifest, write_shards
 from unite.model import UNITE
 from unite.optim import EMA, LRSchedule, split_parameters, unite_b_schedule
 from unite.train import (
@@ -274,13 +277,31 @@ def test_uint8_batches_train_exactly_as_their_floats(tmp_path: Path) -> None:
     assert_identical(a["ema"], b["ema"], "ema")
 
 
-@pytest.mark.parametrize("source", ["synthetic", "dataloader"])
-def test_exact_resume_single_process(tmp_path: Path, source: str) -> None:
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """20 random 16x16 images of 4 classes in 4 PNG shards."""
+    root = tmp_path_factory.mktemp("shards")
+    generator = np.random.default_rng(0)
+    for i in range(20):
+        folder = root / "images" / f"class{i % 4}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(generator.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    write_manifest(root / "images", root / "manifest.tsv", progress=False)
+    write_shards(root / "images", root / "manifest.tsv", root / "shards", image_size=16, shard_size=5, workers=1,
+                 progress=False)
+    return root / "shards"
+
+
+@pytest.mark.parametrize("source", ["synthetic", "dataloader", "shards"])
+def test_exact_resume_single_process(tmp_path: Path, source: str, request: pytest.FixtureRequest) -> None:
     """4 steps straight == 2 steps, stop, resume, 2 more: weights, EMA, optimizer states, RNG
-    and data position bit-identical."""
+    and data position bit-identical. The shard loader resumes mid-epoch by skipping without
+    decoding, with 2 workers."""
 
     def run(out: str, **overrides: Any):
-        data = None if source == "synthetic" else plain_dataloader()
+        data = {"synthetic": lambda: None, "dataloader": plain_dataloader,
+                "shards": lambda: shard_loader(request.getfixturevalue("shard_dir"), 4, rank=0, world_size=1,
+                                               num_workers=2)}[source]()
         return train(train_config(tmp_path / out, **overrides), data=data)
 
     straight = run("straight")

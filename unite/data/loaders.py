@@ -135,6 +135,7 @@ class ShardStream(IterableDataset):
         self.train, self.exact = train, exact
         self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
         self.shuffle_buffer = shuffle_buffer
+        self.skip = 0  # batches of the epoch to leave out (a resume mid-epoch); see Loader.batches
         self.lost = multiprocessing.Value("q", 0)
         streams = world_size * max(num_workers, 1)
         if not exact:
@@ -163,6 +164,12 @@ class ShardStream(IterableDataset):
         per_rank = self.total // (self.world_size * self.batch_size)
         workers = max(self.num_workers, 1)
         return per_rank // workers + (worker < per_rank % workers)
+
+    def worker_skip(self, worker: int) -> int:
+        """That worker's batches among the first `skip` of a balanced epoch: the DataLoader takes
+        batches from its workers in turn, and every worker yields full batches."""
+        workers = max(self.num_workers, 1)
+        return max(0, (self.skip - worker + workers - 1) // workers)
 
     def num_batches(self) -> int:
         """Batches of this rank in the current epoch (exact unless samples are lost)."""
@@ -198,8 +205,14 @@ class ShardStream(IterableDataset):
             if read == 0:
                 raise DataError(f"{self.shard_dir}: no sample of {[name for name, _ in shards]} is readable")
 
-    def _decoded(self, samples: Iterator[dict[str, Any]], flips: random.Random | None):
+    def _decoded(self, samples: Iterator[dict[str, Any]], flips: random.Random | None, skip: int = 0):
+        """(uint8 image, label, key) of the samples after the first `skip`, which are not decoded.
+        Every sample draws its flip, so skipping leaves the later flips as they were."""
         for sample in samples:
+            flip = flips is not None and flips.random() < 0.5
+            if skip:
+                skip -= 1
+                continue
             fields = [k for k in sample if not k.startswith("__") and k not in (LABEL_FIELD, PATH_FIELD)]
             try:
                 if len(fields) != 1 or LABEL_FIELD not in sample:
@@ -209,19 +222,23 @@ class ShardStream(IterableDataset):
             except Exception as exc:  # a damaged sample is skipped and counted, as the policy says
                 self._lose(1, f"{sample.get('__url__')}: sample {sample.get('__key__')!r}: {exc!r}")
                 continue
-            flip = flips is not None and flips.random() < 0.5
             yield _tensor(pixels, flip), label, sample["__key__"]
 
     def __iter__(self):
         info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        slot, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if workers != max(self.num_workers, 1):
             raise DataError(
                 f"num_workers={self.num_workers}: the stream runs in {workers} DataLoader workers; "
                 "it must be read with as many, or shards would be lost or repeated"
             )
+        skip = 0 if self.exact else self.skip
+        # The DataLoader asks its workers for batches in turn from the first; after a skip the next
+        # batch is worker (skip mod workers)'s, so the slots play the workers rotated by the skip.
+        worker = (slot + skip) % workers
         shards = self.worker_shards(worker)
-        quota = self.worker_batches(worker) * self.batch_size
+        skip = self.worker_skip(worker) if skip else 0
+        quota = (self.worker_batches(worker) - skip) * self.batch_size
         samples: Iterator[dict[str, Any]] = self._samples(shards)
         flips = None
         if self.train:
@@ -231,8 +248,8 @@ class ShardStream(IterableDataset):
             samples = buffer_shuffle(size, size, rng=random.Random(f"buffer:{stream}"))(samples)
             if self.flip:
                 flips = random.Random(f"flip:{stream}")
-        decoded = self._decoded(samples, flips)
-        return decoded if self.exact else itertools.islice(decoded, quota)
+        decoded = self._decoded(samples, flips, skip * self.batch_size)
+        return decoded if self.exact else itertools.islice(decoded, max(quota, 0))
 
 
 class FolderDataset(Dataset):
@@ -311,10 +328,23 @@ class Loader:
             return self.dataset.num_batches()
         return len(self._make_loader())
 
+    def batches(self, epoch: int, skip: int) -> Iterator[Batch]:
+        """This rank's batches of `epoch` after the first `skip` (the trainer's BatchSource).
+        Balanced shard epochs leave the skipped images undecoded, so a resume mid-epoch starts at
+        once; otherwise the skipped batches are loaded and dropped."""
+        self.set_epoch(epoch)
+        if isinstance(self.dataset, ShardStream) and not self.dataset.exact:
+            self.dataset.skip = skip
+            return iter(self)
+        return itertools.islice(self, skip, None)
+
     def __iter__(self) -> Iterator[Batch]:
         if isinstance(self.dataset, ShardStream):
             self.dataset.lost.value = 0
-        for images, labels, keys in self._make_loader():
+        iterator = iter(self._make_loader())  # workers copy the dataset here
+        if isinstance(self.dataset, ShardStream):
+            self.dataset.skip = 0  # a skip applies to one iteration only
+        for images, labels, keys in iterator:
             yield Batch(images, labels, list(keys))
 
 
