@@ -24,11 +24,12 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "shard": {"image_size": int, "shard_size": int, "store": str, "png_level": int, "workers": int,
               "seed": int, "strict": bool},
     "fid_ref": {"feature_space": str, "stats": (str, None), "inception_weights": (str, None), "batch_size": int},
-    "sweep": {"nproc_per_node": int, "num_images": int, "seed": int, "start_scale": float, "step": float, "max_extra_steps": int,
-              "interval": list, "norm_order": str, "solver": str, "steps": int, "block_size": int,
-              "wide_intervals": list, "wide_norm_orders": list},
-    "evaluate": {"nproc_per_node": int, "num_images": int, "seed": int, "solver": str, "steps": int, "block_size": int,
-                 "grid_per_class": int, "recon_images": int, "class_consistency": bool, "lpips": bool},
+    "sweep": {"nproc_per_node": int, "num_images": int, "seed": int, "start_scale": float, "step": float,
+              "max_extra_steps": int, "interval": list, "norm_order": str, "solver": str, "steps": int,
+              "block_size": int, "wide_intervals": list, "wide_norm_orders": list},
+    "evaluate": {"nproc_per_node": int, "num_images": int, "seed": int, "solver": str, "steps": int,
+                 "block_size": int, "grid_per_class": int, "recon_images": int, "class_consistency": bool,
+                 "lpips": bool},
 }
 CHOICES = {
     ("shard", "store"): ("png", "npy", "source"),

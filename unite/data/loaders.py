@@ -232,13 +232,13 @@ class ShardStream(IterableDataset):
                 f"num_workers={self.num_workers}: the stream runs in {workers} DataLoader workers; "
                 "it must be read with as many, or shards would be lost or repeated"
             )
-        skip = 0 if self.exact else self.skip
-        # The DataLoader asks its workers for batches in turn from the first; after a skip the next
-        # batch is worker (skip mod workers)'s, so the slots play the workers rotated by the skip.
-        worker = (slot + skip) % workers
+        # The DataLoader asks its workers for batches in turn from the first; after a skip (set by
+        # Loader.batches on balanced epochs only) the next batch is worker (skip mod workers)'s, so
+        # the slots play the workers rotated by the skip.
+        worker = (slot + self.skip) % workers
         shards = self.worker_shards(worker)
-        skip = self.worker_skip(worker) if skip else 0
-        quota = (self.worker_batches(worker) - skip) * self.batch_size
+        skipped = self.worker_skip(worker)
+        quota = (self.worker_batches(worker) - skipped) * self.batch_size
         samples: Iterator[dict[str, Any]] = self._samples(shards)
         flips = None
         if self.train:
@@ -248,7 +248,7 @@ class ShardStream(IterableDataset):
             samples = buffer_shuffle(size, size, rng=random.Random(f"buffer:{stream}"))(samples)
             if self.flip:
                 flips = random.Random(f"flip:{stream}")
-        decoded = self._decoded(samples, flips, skip * self.batch_size)
+        decoded = self._decoded(samples, flips, skipped * self.batch_size)
         return decoded if self.exact else itertools.islice(decoded, max(quota, 0))
 
 
@@ -303,7 +303,7 @@ class FolderDataset(Dataset):
 
 
 class Loader:
-    """Iterates float [0, 1] Batches of a dataset for the epoch given to set_epoch.
+    """Iterates uint8 Batches of a dataset for the epoch given to set_epoch.
 
     Workers are started anew each epoch, so they see the new epoch. Batches are page-locked where
     CUDA is available, so that the trainer's non_blocking copies to the GPU overlap compute.
@@ -384,7 +384,8 @@ def shard_loader(
     )
 
     def make() -> DataLoader:
-        return DataLoader(stream, batch_size=batch_size, num_workers=num_workers, pin_memory=torch.cuda.is_available())
+        return DataLoader(stream, batch_size=batch_size, num_workers=num_workers,
+                          pin_memory=torch.cuda.is_available())
 
     return Loader(stream, make)
 
