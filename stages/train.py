@@ -8,12 +8,13 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from stages.params import load_params, train_config
 from stages.shard import OUT as SHARDS
 from unite.checkpoint import latest_checkpoint
-from unite.train import RESUME_MAY_CHANGE, train
+from unite.train import RESUME_MAY_CHANGE, Preempted, train
 
 CHECKPOINTS = Path("checkpoints")
 FINAL = Path("models/final.pt")
@@ -38,7 +39,11 @@ def main() -> None:
         "options": {"shard_dir": str(SHARDS / "train"), "num_workers": section["num_workers"],
                     "flip": section["hflip"]},
     }
-    result = train(train_config(section, str(out_dir), data))
+    try:
+        result = train(train_config(section, str(out_dir), data))
+    except Preempted as stopped:  # the checkpoint is written; `dvc repro` resumes from it
+        print(stopped, file=sys.stderr)
+        sys.exit(128 + stopped.signum)
     if int(os.environ.get("RANK", "0")) != 0:
         return
     final = result.checkpoint or latest_checkpoint(out_dir / "checkpoints")

@@ -8,6 +8,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from test_train import one_thread  # noqa: F401  (autouse fixture: one intra-op 
 from test_train import assert_same_training_state, child_env, train_config, train_values
 from unite.checkpoint import (
     capture_rng_state,
+    exclusive_folder,
     export_ema,
     latest_checkpoint,
     list_checkpoints,
@@ -118,6 +120,52 @@ def test_sigkill_during_checkpoint_write_resumes_from_the_previous_one(tmp_path:
     straight = train(train_config(tmp_path / "straight", checkpoint_every=2))
     assert_same_training_state(straight.checkpoint, resumed.checkpoint)
     assert not partial.exists()
+
+
+_LOCK_HOLDER = """
+import sys, time
+from unite.checkpoint import exclusive_folder
+with exclusive_folder(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_locked_checkpoint_folder_times_out_and_a_killed_holder_frees_it(tmp_path: Path) -> None:
+    folder = tmp_path / "run" / "checkpoints"
+    holder = subprocess.Popen([sys.executable, "-c", _LOCK_HOLDER, str(folder)], env=child_env(),
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(TimeoutError, match=rf"checkpoint folder {folder} is still locked .* after 0 s"):
+            with exclusive_folder(folder, wait_s=0.3):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with exclusive_folder(folder, wait_s=10):
+        assert not list(folder.iterdir())  # the lock leaves no file in the folder
+
+
+def test_training_waits_until_the_previous_run_releases_its_folder(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    events: list[str] = []
+    held = threading.Event()
+
+    def previous_run() -> None:
+        with exclusive_folder(out / "checkpoints"):
+            held.set()
+            time.sleep(1.0)
+            events.append("previous run released")
+
+    thread = threading.Thread(target=previous_run)
+    thread.start()
+    held.wait()
+    result = train(train_config(out, max_steps=1))
+    events.append("training finished")
+    thread.join()
+    assert events == ["previous run released", "training finished"]
+    assert result.step == 1
 
 
 def test_ema_export_loads_into_a_model(tmp_path: Path) -> None:

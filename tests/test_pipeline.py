@@ -133,21 +133,27 @@ def test_two_ranks_sweep_and_evaluate_exactly_as_one(repo):
     repo.set_params({"sweep": {"nproc_per_node": 1}, "evaluate": {"nproc_per_node": 1}})
 
 
-def test_a_killed_train_stage_resumes(repo):
+def test_a_killed_train_stage_resumes(repo, tmp_path):
+    """SIGKILL of `dvc repro` (as a cancelled run does to its process group) stops the torchrun
+    worker too (SIGHUP), which writes a last checkpoint; the rerun waits for it and resumes from it."""
     repo.set_params({"train": {"max_steps": 30, "checkpoint_every": 2}})
-    process = subprocess.Popen(["dvc", "repro", "train"], cwd=repo.path, env=repo.env, start_new_session=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first_log = tmp_path / "first.log"
+    with open(first_log, "w") as log_file:
+        process = subprocess.Popen(["dvc", "repro", "train"], cwd=repo.path, env=repo.env, start_new_session=True,
+                                   stdout=log_file, stderr=subprocess.STDOUT)
     checkpoints = repo.path / "checkpoints"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not list(checkpoints.glob("*/checkpoints/step_*06.pt")):
-        assert process.poll() is None, process.stdout.read()
+        assert process.poll() is None, first_log.read_text()
         time.sleep(0.5)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     result = repo.run("dvc", "repro")
     log = result.stdout + result.stderr
+    stopped = re.search(r"SIGHUP received; finished step (\d+), wrote", first_log.read_text())
     resumed = re.search(r"resuming from \S+ at step (\d+)", log)
-    assert resumed and int(resumed.group(1)) >= 6, log  # not the step-4 checkpoint of the first run
+    assert stopped and int(stopped.group(1)) >= 6, first_log.read_text()
+    assert resumed and resumed.group(1) == stopped.group(1), log
     assert repo.metrics("train")["step"] == 30
     assert "Running stage 'evaluate'" in result.stdout
 

@@ -30,6 +30,7 @@ from unite.train import (
     DataPosition,
     IterableSource,
     NonFiniteLossError,
+    StopSignal,
     TensorBatches,
     TrainConfig,
     accumulation_steps,
@@ -387,7 +388,10 @@ def test_nonfinite_streak_stops_and_keeps_the_last_good_checkpoint(tmp_path: Pat
     assert metric_rows(tmp_path)[-1]["skipped_steps"] == "1"  # the row of step 3
 
 
-def test_sigterm_finishes_the_step_checkpoints_and_resumes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signals", [[signal.SIGTERM], [signal.SIGHUP] * 3], ids=["sigterm", "sighup-repeated"])
+def test_a_stop_signal_finishes_the_step_checkpoints_and_resumes(tmp_path: Path, signals: list[int]) -> None:
+    """SIGHUP is what a torchrun worker gets when its launcher dies, once per exiting launcher
+    thread: repeats must not turn into an interrupt without a checkpoint."""
     out = tmp_path / "run"
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(train_values(out, max_steps=1000, checkpoint_every=1000)))
     child = subprocess.Popen([sys.executable, "-m", "unite.train", str(tmp_path / "c.yaml")],
@@ -396,12 +400,13 @@ def test_sigterm_finishes_the_step_checkpoints_and_resumes(tmp_path: Path) -> No
     while not ((out / "metrics.tsv").is_file() and len(metric_rows(out)) >= 2):
         assert child.poll() is None and time.monotonic() < deadline, "training did not start"
         time.sleep(0.05)
-    child.send_signal(signal.SIGTERM)
+    for signum in signals:
+        child.send_signal(signum)
     _, err = child.communicate(timeout=120)
-    assert child.returncode == 128 + signal.SIGTERM, err
+    assert child.returncode == 128 + signals[0], err
     [checkpoint] = list_checkpoints(out / "checkpoints")
     stopped_at = load_checkpoint(checkpoint)["step"]
-    assert f"SIGTERM received; finished step {stopped_at}, wrote {checkpoint}" in err
+    assert f"{signals[0].name} received; finished step {stopped_at}, wrote {checkpoint}" in err
     assert "Run the same command again to resume" in err
 
     # Rerunning resumes from there; the result equals an uninterrupted run.
@@ -409,3 +414,15 @@ def test_sigterm_finishes_the_step_checkpoints_and_resumes(tmp_path: Path) -> No
     straight = train(train_config(tmp_path / "straight", max_steps=stopped_at + 1))
     assert resumed.step == stopped_at + 1
     assert_same_training_state(straight.checkpoint, resumed.checkpoint)
+
+
+def test_a_sighup_ignored_by_nohup_stays_ignored() -> None:
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with StopSignal() as stop:
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(0.1)
+        assert stop.received is None
+    finally:
+        signal.signal(signal.SIGHUP, previous)

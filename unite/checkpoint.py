@@ -8,11 +8,15 @@ synced to disk and renamed, so a crash mid-write leaves at most a `*.tmp` file, 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import random
 import re
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +76,41 @@ def _fsync_directory(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def exclusive_folder(directory: str | Path, wait_s: float = 600.0) -> Iterator[None]:
+    """Hold an exclusive lock on a checkpoint folder, so that one training run at a time writes
+    and prunes it. A run that finds the folder locked (say, a killed run's worker still writing
+    its last checkpoint) waits up to `wait_s` seconds, then raises TimeoutError. The lock is the
+    kernel's (flock on the folder itself): it dies with its holder and leaves no file behind."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        deadline, announced = time.monotonic() + wait_s, False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(
+                        f"checkpoint folder {directory} is still locked by another training process after "
+                        f"{wait_s:.0f} s; stop that process (see `fuser -v {directory}`) and run again"
+                    ) from None
+                if not announced:
+                    print(f"unite.train: {directory} is locked by another training process; waiting up to "
+                          f"{wait_s:.0f} s for it to exit", file=sys.stderr)
+                    announced = True
+                time.sleep(0.2)
+            except OSError as error:  # some network filesystems cannot lock folders
+                print(f"unite.train: warning: cannot lock {directory} ({error}); make sure no other run "
+                      f"writes there", file=sys.stderr)
+                break
+        yield
     finally:
         os.close(fd)
 

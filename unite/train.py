@@ -48,6 +48,7 @@ from tqdm import tqdm
 from unite.checkpoint import (
     capture_rng_state,
     checkpoint_path,
+    exclusive_folder,
     latest_checkpoint,
     load_checkpoint,
     restore_rng_state,
@@ -383,8 +384,10 @@ def seed_everything(seed: int) -> None:
 
 
 class StopSignal:
-    """Turns SIGTERM/SIGINT into a request to stop after the current step; a second signal
-    interrupts at once."""
+    """Turns SIGTERM/SIGINT, and SIGHUP (the torchrun launcher died, or the terminal closed) into
+    a request to stop after the current step. A second SIGTERM/SIGINT interrupts at once; SIGHUP
+    never does, as a dying launcher may send it several times. A SIGHUP ignored by the caller
+    (nohup) stays ignored."""
 
     def __init__(self) -> None:
         self.received: int | None = None
@@ -392,7 +395,9 @@ class StopSignal:
 
     def __enter__(self) -> "StopSignal":
         if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGTERM, signal.SIGINT):
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                if signum == signal.SIGHUP and signal.getsignal(signum) == signal.SIG_IGN:
+                    continue
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
@@ -401,13 +406,14 @@ class StopSignal:
             signal.signal(signum, handler)
 
     def _handle(self, signum: int, frame: object) -> None:
-        if self.received is not None:
+        if self.received is None:
+            self.received = signum
+        elif signum != signal.SIGHUP:
             raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping without a checkpoint")
-        self.received = signum
 
 
 class Preempted(RuntimeError):
-    """Training stopped on SIGTERM/SIGINT after writing a checkpoint; rerunning resumes."""
+    """Training stopped on SIGTERM/SIGINT/SIGHUP after writing a checkpoint; rerunning resumes."""
 
     def __init__(self, message: str, signum: int):
         super().__init__(message)
@@ -424,7 +430,7 @@ class StepResult:
     losses: dict[str, float]  # means over micro-batches and ranks
     grad_norm: float  # total norm before clipping
     applied: bool  # False: a non-finite loss or gradient norm on some rank, nothing was updated
-    stop: bool  # some rank received SIGTERM/SIGINT
+    stop: bool  # some rank received SIGTERM/SIGINT/SIGHUP
 
 
 class Engine:
@@ -606,12 +612,15 @@ class TrainResult:
 def train(cfg: TrainConfig, data: BatchSource | Iterable[tuple[Tensor, Tensor]] | None = None) -> TrainResult:
     """Train until `cfg.max_steps` optimizer steps, resuming from a checkpoint when there is one.
 
-    `data` defaults to the config's `data:` section. Raises Preempted after a SIGTERM/SIGINT
-    (checkpoint written) and NonFiniteLossError after `max_nonfinite` skipped steps in a row."""
+    `data` defaults to the config's `data:` section. Raises Preempted after SIGTERM/SIGINT/SIGHUP
+    (checkpoint written), NonFiniteLossError after `max_nonfinite` skipped steps in a row, and
+    TimeoutError when another run keeps the checkpoint folder locked."""
     owns_group = not dist.is_initialized()
     runtime = init_runtime(cfg.device)
     try:
-        return _train(cfg, runtime, data)
+        # Rank 0 writes and prunes checkpoints: one run at a time may do so in a folder.
+        with exclusive_folder(Path(cfg.out_dir) / "checkpoints") if runtime.is_main else nullcontext():
+            return _train(cfg, runtime, data)
     finally:
         if owns_group and dist.is_initialized():
             dist.destroy_process_group()
@@ -730,7 +739,7 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as stopped:
         print(stopped, file=sys.stderr)
         return 128 + stopped.signum
-    except NonFiniteLossError as error:
+    except (NonFiniteLossError, TimeoutError) as error:
         print(f"unite.train: {error}", file=sys.stderr)
         return 1
     if int(os.environ.get("RANK", "0")) == 0:
