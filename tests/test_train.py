@@ -394,8 +394,10 @@ def test_a_stop_signal_finishes_the_step_checkpoints_and_resumes(tmp_path: Path,
     thread: repeats must not turn into an interrupt without a checkpoint."""
     out = tmp_path / "run"
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(train_values(out, max_steps=1000, checkpoint_every=1000)))
+    # SIGHUP at its default, not ignored as it is when the tests themselves run under nohup.
     child = subprocess.Popen([sys.executable, "-m", "unite.train", str(tmp_path / "c.yaml")],
-                             env=child_env(), stderr=subprocess.PIPE, text=True)
+                             env=child_env(), stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not ((out / "metrics.tsv").is_file() and len(metric_rows(out)) >= 2):
         assert child.poll() is None and time.monotonic() < deadline, "training did not start"
