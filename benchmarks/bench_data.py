@@ -15,8 +15,8 @@ Variants run interleaved within each repeat, so that load from other users of th
 them alike; CPU time per image (all processes, from getrusage) is reported next to the rates as
 the figure that such load disturbs least.
 
-    python benchmarks/bench_data.py --images 3000 --repeats 3
-    python benchmarks/bench_data.py --workdir /tmp/bench --loaders-only   # reuse, loaders only
+    .venv/bin/python -m benchmarks.bench_data --images 3000 --repeats 3
+    .venv/bin/python -m benchmarks.bench_data --workdir /tmp/bench --loaders-only   # reuse, loaders only
 """
 
 from __future__ import annotations

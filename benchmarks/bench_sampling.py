@@ -2,7 +2,7 @@
 
 Run after the demo pipeline (it reads the EMA export, the shards and the reference statistics):
 
-    PYTHONPATH=. .venv/bin/python benchmarks/bench_sampling.py --num-images 200 --cfg-scale 1.25
+    .venv/bin/python -m benchmarks.bench_sampling --num-images 200 --cfg-scale 1.25
 
 Each solver generates the same class-balanced images (same seed) at the same guidance; the
 Frechet distance uses the pipeline's feature space and reference statistics, and class

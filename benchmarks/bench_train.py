@@ -1,7 +1,7 @@
 """Median seconds per optimizer step of the UNITE training step on this machine.
 
-    python benchmarks/bench_train.py --preset reference-cpu        # the issue's CPU comparison
-    python benchmarks/bench_train.py --preset unite-b --compile    # UNITE-B, 64 images/GPU, bf16
+    .venv/bin/python -m benchmarks.bench_train --preset reference-cpu      # the 2-CPU comparison
+    .venv/bin/python -m benchmarks.bench_train --preset unite-b --compile  # UNITE-B, 64 images/GPU, bf16
 
 It times `unite.train.Engine.step` (forward and backward of every micro-batch, clipping, Muon,
 AdamW, EMA) on synthetic images, after warm-up steps, and prints one JSON line with the median
