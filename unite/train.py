@@ -55,7 +55,7 @@ from unite.checkpoint import (
     save_checkpoint,
 )
 from unite.config import ConfigError, ModelConfig, model_config
-from unite.distributed import Runtime, init_runtime
+from unite.distributed import Runtime, close_runtime, init_runtime
 from unite.model import UNITE
 from unite.optim import (
     EMA,
@@ -622,8 +622,8 @@ def train(cfg: TrainConfig, data: BatchSource | Iterable[tuple[Tensor, Tensor]] 
         with exclusive_folder(Path(cfg.out_dir) / "checkpoints") if runtime.is_main else nullcontext():
             return _train(cfg, runtime, data)
     finally:
-        if owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+        if owns_group:
+            close_runtime()
 
 
 def _train(cfg: TrainConfig, runtime: Runtime, data: BatchSource | Iterable | None) -> TrainResult:
