@@ -6,7 +6,7 @@ sample photographs bundled with scikit-learn, then reports medians over --repeat
 - sharding throughput (images/s) with --workers processes, and `tar` of the same folder as the
   physical reference;
 - loader throughput (decoded, flipped, batched uint8 images/s, --workers DataLoader workers)
-  from PNG shards (default level 1, and level 0), from npy shards (uint8 pixels, no image
+  from PNG shards (default level 0, and level 1), from npy shards (uint8 pixels, no image
   decoding), from source-bytes shards, and from the raw folder (the reference path: JPEG decode
   + centre crop per image), one training epoch per run;
 - the CPU cost per image of each step of both paths, which explains the loader ratio.
@@ -38,7 +38,8 @@ from PIL import Image
 from sklearn.datasets import load_sample_images
 
 from unite.data import center_crop, decode, folder_loader, shard_loader, to_rgb, write_manifest, write_shards
-from unite.data.loaders import _pixels
+from unite.data.image import encode_png
+from unite.data.loaders import _pixels, _tensor
 
 # (width, height) and their shares among the generated images, close to ImageNet's mix.
 SIZES = (((500, 375), 0.6), ((375, 500), 0.25), ((500, 333), 0.15))
@@ -87,18 +88,13 @@ def stage_costs(root: Path, image_size: int, samples: int = 200) -> dict[str, fl
     jpegs = [path.read_bytes() for path in files]
     decoded = [to_rgb(decode(data)) for data in jpegs]
     crops = [center_crop(image, image_size) for image in decoded]
-    npys = []
-    for crop in crops:
-        buffer = io.BytesIO()
-        np.save(buffer, np.asarray(crop), allow_pickle=False)
-        npys.append(buffer.getvalue())
-    pngs = {level: [] for level in (1, 0)}
-    for level, encoded in pngs.items():
-        for crop in crops:
-            buffer = io.BytesIO()
-            crop.save(buffer, format="PNG", compress_level=level)
-            encoded.append(buffer.getvalue())
     arrays = [np.asarray(crop) for crop in crops]
+    npys = []
+    for array in arrays:
+        buffer = io.BytesIO()
+        np.save(buffer, array, allow_pickle=False)
+        npys.append(buffer.getvalue())
+    pngs = {level: [encode_png(array, level) for array in arrays] for level in (1, 0)}
 
     def per_image(step, items) -> float:
         started = time.process_time()
@@ -110,11 +106,10 @@ def stage_costs(root: Path, image_size: int, samples: int = 200) -> dict[str, fl
         "read JPEG file": per_image(Path.read_bytes, files),
         "JPEG decode": per_image(decode, jpegs),
         "centre crop (resize)": per_image(lambda image: center_crop(image, image_size), decoded),
-        "PNG encode, level 1": per_image(lambda crop: crop.save(io.BytesIO(), format="PNG", compress_level=1), crops),
-        "PNG decode, level 1": per_image(decode, pngs[1]),
-        "PNG decode, level 0": per_image(decode, pngs[0]),
-        "npy read": per_image(lambda data: _pixels("npy", data, image_size), npys),
-        "flip + uint8 CHW tensor": per_image(lambda a: np.ascontiguousarray(a[:, ::-1].transpose(2, 0, 1)), arrays),
+        "PNG encode, level 1": per_image(lambda array: encode_png(array, 1), arrays),
+        "PNG decode + flip, level 1": per_image(lambda data: _tensor(_pixels("png", data, image_size), True), pngs[1]),
+        "PNG decode + flip, level 0": per_image(lambda data: _tensor(_pixels("png", data, image_size), True), pngs[0]),
+        "npy read + flip": per_image(lambda data: _tensor(_pixels("npy", data, image_size), True), npys),
     }
 
 
@@ -145,7 +140,7 @@ def main() -> None:
 
     shard_options = {"image_size": args.image_size, "shard_size": args.shard_size, "workers": args.workers,
                      "progress": False}
-    stores = {"png": {}, "png level 0": {"png_level": 0}, "npy": {"store": "npy"},
+    stores = {"png": {}, "png level 1": {"png_level": 1}, "npy": {"store": "npy"},
               "source bytes": {"store": "source"}}
     out = {name: work / f"shards_{name.replace(' ', '_')}" for name in stores}
     rates: dict[str, list[float]] = {}  # images per second (wall clock)
