@@ -96,6 +96,10 @@ def stage_costs(root: Path, image_size: int, samples: int = 200) -> dict[str, fl
         npys.append(buffer.getvalue())
     pngs = {level: [encode_png(array, level) for array in arrays] for level in (1, 0)}
 
+    def load(field: str, data: bytes):
+        """What a shard loader worker does with one sample's image field (with a flip)."""
+        return _tensor(_pixels(field, data, image_size), True)
+
     def per_image(step, items) -> float:
         started = time.process_time()
         for item in items:
@@ -107,9 +111,9 @@ def stage_costs(root: Path, image_size: int, samples: int = 200) -> dict[str, fl
         "JPEG decode": per_image(decode, jpegs),
         "centre crop (resize)": per_image(lambda image: center_crop(image, image_size), decoded),
         "PNG encode, level 1": per_image(lambda array: encode_png(array, 1), arrays),
-        "PNG decode + flip, level 1": per_image(lambda data: _tensor(_pixels("png", data, image_size), True), pngs[1]),
-        "PNG decode + flip, level 0": per_image(lambda data: _tensor(_pixels("png", data, image_size), True), pngs[0]),
-        "npy read + flip": per_image(lambda data: _tensor(_pixels("npy", data, image_size), True), npys),
+        "PNG decode + flip, level 1": per_image(lambda data: load("png", data), pngs[1]),
+        "PNG decode + flip, level 0": per_image(lambda data: load("png", data), pngs[0]),
+        "npy read + flip": per_image(lambda data: load("npy", data), npys),
     }
 
 

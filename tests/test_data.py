@@ -157,7 +157,6 @@ def test_center_crop_of_a_crop_is_the_identity():
     np.testing.assert_array_equal(np.asarray(center_crop(crop, SIZE)), np.asarray(crop))
 
 
-
 @pytest.mark.parametrize("level", [0, 1, 9])
 @pytest.mark.parametrize("height, width", [(1, 1), (1, 7), (5, 3), (48, 64)])
 def test_encode_png_is_lossless_for_pillow_and_torchvision(level, height, width):

@@ -241,7 +241,8 @@ def write_shards(
     HxWx3 pixels in numpy's .npy format (the disk of level 0, loads faster still; png_level is
     then unused); "source" keeps the file's bytes untouched (the loader then decodes and crops).
     workers processes write shards in parallel. With strict, the first bad file raises
-    DataError; otherwise bad files are skipped and listed in the index with their reason. A manifest that no longer matches the folder always raises.
+    DataError; otherwise bad files are skipped and listed in the index with their reason. A
+    manifest that no longer matches the folder always raises.
     Returns the index, also written to out_dir/index.json.
     """
     root, out_dir = Path(root), Path(out_dir)
