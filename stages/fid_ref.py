@@ -7,7 +7,7 @@ from stages.params import load_params
 from stages.shard import OUT as SHARDS
 from unite.evaluation import feature_space, real_batches
 from unite.data.shards import read_index
-from unite.fid import GaussianStats, compute_reference_stats
+from unite.fid import GaussianStats, compute_reference_stats, feature_space_kind
 
 OUT = Path("data/fid_ref.npz")
 
@@ -16,10 +16,10 @@ def main() -> None:
     params = load_params()["fid_ref"]
     if params["stats"] is not None:
         stats = GaussianStats.load(params["stats"])
-        if stats.feature_space != params["feature_space"]:
+        if feature_space_kind(stats.feature_space) != params["feature_space"]:
             raise SystemExit(
                 f"fid_ref.stats={params['stats']!r} holds {stats.feature_space} statistics, but "
-                f"fid_ref.feature_space={params['feature_space']!r}"
+                f"fid_ref.feature_space={params['feature_space']!r}: the two must name the same kind of space"
             )
     else:
         space = feature_space(params["feature_space"], SHARDS / "train", params["inception_weights"])

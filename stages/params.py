@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from unite.config import ConfigError
+from unite.fid import FEATURE_SPACES
 from unite.train import TrainConfig, accumulation_steps
 
 PARAMS_FILE = Path("params.yaml")
@@ -33,7 +34,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
 }
 CHOICES = {
     ("shard", "store"): ("png", "npy", "source"),
-    ("fid_ref", "feature_space"): ("inception", "pixel", "classifier"),
+    ("fid_ref", "feature_space"): FEATURE_SPACES,
     ("sweep", "norm_order"): ("norm_first", "cfg_first", "both"),
     ("sweep", "solver"): ("dopri5", "heun", "euler"),
     ("evaluate", "solver"): ("dopri5", "heun", "euler"),

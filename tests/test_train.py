@@ -25,7 +25,7 @@ from unite.checkpoint import list_checkpoints, load_checkpoint
 from unite.config import ConfigError, model_config
 from unite.data import shard_loader, write_manifest, write_shards
 from unite.model import UNITE
-from unite.optim import EMA, LRSchedule, split_parameters, unite_b_schedule
+from unite.optim import EMA, LRSchedule, split_parameters
 from unite.train import (
     DataPosition,
     IterableSource,
@@ -189,11 +189,6 @@ def test_schedule_closed_form() -> None:
         assert schedule(step) == pytest.approx(factor, abs=1e-12), step
     # A quarter of the way through the cosine: 0.5 + 0.5 * (1 + cos(pi / 4)) / 2.
     assert schedule(25) == pytest.approx(0.5 + 0.25 * (1 + math.sqrt(0.5)))
-
-
-def test_unite_b_preset_follows_the_reference_micro_batch_count() -> None:
-    # ImageNet, 64 per GPU x 8 GPUs: ceil(1281167 / 512) = 2503 micro-batches per epoch.
-    assert unite_b_schedule(1_281_167, 64, 8) == LRSchedule(50_060, 75_090, 125_150, 0.5)
 
 
 def test_parameter_split() -> None:

@@ -8,6 +8,7 @@ weights and are reported as Frechet distances ("fd"), never as FID.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -37,7 +38,11 @@ REFERENCE_STATS_FILE = "jit_in256_stats.npz"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 # torch-fidelity shuffles samples with its default rng_seed before cutting the IS splits.
 IS_SHUFFLE_SEED = 2020
+# Feature-space kinds: params name a kind; statistics files and metrics carry the space's full name,
+# "<kind>" or "<kind>-<details>" (e.g. "inception-v3-compat", "pixel-8x8"), which feature_space_kind reads.
 FEATURE_SPACES = ("inception", "pixel", "classifier")
+# The first 8 hex digits of the sha256 of the official weights files (torch hub's naming rule).
+INCEPTION_WEIGHTS_SHA256_PREFIX = "6726825d"
 
 
 class MetricsInputError(ValueError):
@@ -103,6 +108,7 @@ class InceptionFeatures:
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
         self.weights = resolve_inception_weights(weights)
+        self.weights_check = weights_check(self.weights, INCEPTION_WEIGHTS_SHA256_PREFIX)
         try:
             network = FeatureExtractorInceptionV3(
                 INCEPTION_NAME, ["2048", "logits_unbiased"], feature_extractor_weights_path=str(self.weights)
@@ -185,9 +191,32 @@ def build_feature_space(
     raise MetricsInputError(f"feature space {name!r}: unknown; choose one of {', '.join(FEATURE_SPACES)}")
 
 
+def feature_space_kind(name: str) -> str:
+    """The kind of a feature space ("inception", "pixel" or "classifier") from a kind or a full name."""
+    kind = name.split("-", 1)[0]
+    if kind not in FEATURE_SPACES:
+        raise MetricsInputError(f"feature space {name!r}: unknown; its kind must be one of {', '.join(FEATURE_SPACES)}")
+    return kind
+
+
 def distance_key(feature_space: str) -> str:
-    """The metric name of a Frechet distance: "fid" in Inception space only, "fd" elsewhere."""
-    return "fid" if feature_space == INCEPTION_NAME else "fd"
+    """The metric name of a Frechet distance in a space (kind or full name): "fid" in Inception
+    space only, "fd" elsewhere."""
+    return "fid" if feature_space_kind(feature_space) == "inception" else "fd"
+
+
+def weights_check(path: Path, sha256_prefix: str) -> str:
+    """"official" when the file's sha256 starts with the official file's prefix, else a warning
+    that travels with the metrics: scores from other weights (a rehearsal's random ones, a
+    re-export) are not comparable with published numbers."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(chunk)
+    sha256 = digest.hexdigest()
+    if sha256.startswith(sha256_prefix):
+        return "official"
+    return f"NOT the official weights (sha256 {sha256[:16]}..., expected {sha256_prefix}...): not comparable to published scores"
 
 
 @dataclass
@@ -363,6 +392,8 @@ def evaluate_images(
         "feature_space": space.name,
         distance_key(space.name): stats_distance(stats, reference),
     }
+    if hasattr(space, "weights_check"):
+        result["weights"] = space.weights_check
     if logits is not None:
         result["is_mean"], result["is_std"] = inception_score(logits, is_splits)
     result["num_images"] = stats.num_images

@@ -98,6 +98,10 @@ def reconstruction_metrics(
         name = feature_space.name
         result["r" + distance_key(name)] = stats_distance(recon.stats(name), real.stats(name))
         result["feature_space"] = name
+        if hasattr(feature_space, "weights_check"):
+            result["weights"] = feature_space.weights_check
+    if lpips is not None and hasattr(lpips, "weights_check"):
+        result["lpips_weights"] = lpips.weights_check
     return result
 
 

@@ -298,6 +298,9 @@ class UNITE(nn.Module):
             from unite.perceptual import build_lpips
 
             self.perceptual = build_lpips(cfg.lpips_vgg_weights, random_backbone=cfg.lpips_random_backbone)
+            # lpips builds itself in eval mode; follow the model's mode instead, so that training
+            # (model.train(), as the reference calls every epoch) runs LPIPS's head dropout (quirk).
+            self.perceptual.train(self.training)
 
     def _init_weights(self) -> None:
         for module in self.modules():

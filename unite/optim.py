@@ -115,15 +115,22 @@ def unite_b_schedule(images_per_epoch: int, per_device_batch: int, world_size: i
 
     The reference states its schedule in epochs (warmup 20, flat to 30, cosine to 0.5 at 50;
     a second decay stage at 3000 epochs is never reached and is left out) but converts epochs to
-    steps with the number of *micro-batches* per epoch on one rank,
-    ceil(images_per_epoch / (per_device_batch * world_size)), while stepping the schedule once
-    per optimizer step. With gradient accumulation A the schedule therefore runs A times slower
-    in real epochs: the paper's run (64 per GPU x 8 GPUs x 2 accumulation on ImageNet's
-    1,281,167 images, 2503 micro-batches per epoch) warms up over 50,060 optimizer steps (40 real
-    epochs), holds until 75,090 (60) and reaches 0.5 lr at 125,150 (100). This preset applies
-    the same conversion, so it reproduces that schedule exactly for the same geometry.
+    steps with the length of one rank's DataLoader, i.e. *micro-batches* per epoch, while stepping
+    the schedule once per optimizer step. Its DistributedSampler pads the data set to
+    ceil(images / world_size) samples per rank and the loader drops the last partial batch, so an
+    epoch is floor(ceil(images / world_size) / per_device_batch) micro-batches. With gradient
+    accumulation A the schedule therefore runs A times slower in real epochs: the paper's run
+    (64 per GPU x 8 GPUs x 2 accumulation on ImageNet's 1,281,167 images, 2,502 micro-batches
+    per epoch) warms up over 50,040 optimizer steps (40 real epochs), holds until 75,060 (60) and
+    reaches 0.5 lr at 125,100 (100). This preset applies the same conversion, so it reproduces
+    that schedule exactly for the same geometry.
     """
-    micro_batches = math.ceil(images_per_epoch / (per_device_batch * world_size))
+    micro_batches = math.ceil(images_per_epoch / world_size) // per_device_batch
+    if micro_batches == 0:
+        raise ValueError(
+            f"schedule.images_per_epoch={images_per_epoch}: fewer than one micro-batch of {per_device_batch} "
+            f"per rank on {world_size} rank(s)"
+        )
     return LRSchedule(20 * micro_batches, 30 * micro_batches, 50 * micro_batches, 0.5)
 
 

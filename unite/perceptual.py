@@ -13,8 +13,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from unite.fid import weights_check
+
 VGG16_FILE = "vgg16-397923af.pth"
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
+VGG16_SHA256_PREFIX = "397923af"
 
 
 def find_vgg16_weights(path: str | None) -> Path:
@@ -56,5 +59,6 @@ def build_lpips(vgg_weights: str | None = None, random_backbone: bool = False) -
                 raise ValueError(f"{weights_path}: not a torchvision VGG16 state dict (no {source!r})")
             mapped[name] = trunk[source]
         module.net.load_state_dict(mapped)
+        module.weights_check = weights_check(weights_path, VGG16_SHA256_PREFIX)
     module.requires_grad_(False)
     return module

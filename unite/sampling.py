@@ -135,6 +135,7 @@ def sample(
     rtol: float = 1e-3,
     eps: float | None = None,
 ) -> Samples:
-    """Sample latents, then decode them (no decoder noise) and clamp to [0, 1]."""
+    """Sample latents, then decode them (no decoder noise) and clamp to [0, 1]. Images are float32
+    even under bf16 autocast: quantising bf16 values to uint8 (x * 255) would shift pixels."""
     latents, nfe = sample_latents(model, noise, labels, guidance, solver, steps, atol, rtol, eps)
-    return Samples(latents=latents, images=model.decode(latents).clamp(0, 1), nfe=nfe)
+    return Samples(latents=latents, images=model.decode(latents).float().clamp(0, 1), nfe=nfe)

@@ -104,6 +104,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto (CUDA when available), cuda or cpu
     bf16: bool = True  # bf16 autocast on CUDA; CPU always runs float32
+    tf32: bool = True  # TF32 matmuls and cuDNN convolutions on CUDA, as the reference allows
     compile_decoder: bool = False  # torch.compile the pixel decoder
     log_every: int = 50
     checkpoint_every: int = 1000
@@ -221,7 +222,10 @@ def build_schedule(section: dict[str, Any], per_device_batch: int, world_size: i
         images = section["images_per_epoch"]
         if not isinstance(images, int) or images <= 0:
             raise ConfigError(f"schedule.images_per_epoch={images!r}: must be a positive integer")
-        return unite_b_schedule(images, per_device_batch, world_size)
+        try:
+            return unite_b_schedule(images, per_device_batch, world_size)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
     names = [f.name for f in dataclasses.fields(LRSchedule)]
     if set(section) != set(names):
         raise ConfigError(f"schedule={section}: needs exactly the keys {names} (or a preset)")
@@ -438,7 +442,9 @@ class Engine:
     EMA; `step` runs one optimizer step."""
 
     def __init__(self, model: UNITE, cfg: TrainConfig, runtime: Runtime, schedule: LRSchedule):
-        self.raw = model
+        # Train mode reaches every submodule, LPIPS included: its head dropout is part of the
+        # reference's training loss (the reference calls model.train() every epoch).
+        self.raw = model.train()
         self.runtime = runtime
         self.accum = accumulation_steps(cfg.global_batch, cfg.per_device_batch, runtime.world_size)
         self.grad_clip = cfg.grad_clip
@@ -626,8 +632,16 @@ def train(cfg: TrainConfig, data: BatchSource | Iterable[tuple[Tensor, Tensor]] 
             close_runtime()
 
 
+def allow_tf32(enabled: bool, device: torch.device) -> None:
+    """TF32 for CUDA matmuls and cuDNN convolutions, as the reference sets it; nothing on a CPU."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
+
+
 def _train(cfg: TrainConfig, runtime: Runtime, data: BatchSource | Iterable | None) -> TrainResult:
     rank, world = runtime.rank, runtime.world_size
+    allow_tf32(cfg.tf32, runtime.device)
     out_dir = Path(cfg.out_dir)
     checkpoint_dir = out_dir / "checkpoints"
     schedule = build_schedule(cfg.schedule, cfg.per_device_batch, world)
