@@ -26,7 +26,8 @@ def main() -> None:
         batches = (images for images, _ in real_batches(SHARDS / "train", params["batch_size"]))
         stats = compute_reference_stats(batches, space, total=read_index(SHARDS / "train")["totals"]["written"])
     stats.save(OUT)
-    print(f"fid_ref: {stats.num_images} images, {stats.feature_space} space -> {OUT}")
+    count = stats.num_images or "an unrecorded number of"  # JiT's files hold only mu and sigma
+    print(f"fid_ref: {count} images, {stats.feature_space} space -> {OUT}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Apply a recipe from presets/ to params.yaml: `python -m stages.preset unite-b` (or unite-l).
 
 Each key of a preset section replaces that key of params.yaml (a nested mapping such as
-train.model is replaced whole); everything else, comments included, stays. The result is
-validated, and `dvc params diff` shows the change.
+train.model is replaced whole); everything else, comments included, stays. A preset may start from
+another (`extends: unite-b`). The result is validated, and `dvc params diff` shows the change.
 """
 
 import argparse
@@ -26,7 +26,7 @@ def apply_preset(name: str, params_file: Path = PARAMS_FILE) -> list[str]:
     yaml.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
     params = yaml.load(params_file.read_text())
     changed = []
-    for section, values in yaml.load(preset_file.read_text()).items():
+    for section, values in load_preset(preset_file).items():
         if section not in params:
             raise SystemExit(f"{preset_file}: unknown section {section!r}")
         for key, value in values.items():
@@ -36,6 +36,25 @@ def apply_preset(name: str, params_file: Path = PARAMS_FILE) -> list[str]:
     validate(YAML(typ="safe").load(_dump(yaml, params)))
     params_file.write_text(_dump(yaml, params))
     return changed
+
+
+def load_preset(preset_file: Path) -> dict:
+    """A preset's sections. `extends: NAME` starts from presets/NAME.yaml and merges this file
+    into it mapping by mapping (so `train: {model: {flow_steps_per_recon: 14}}` changes one key)."""
+    preset = YAML(typ="safe").load(preset_file.read_text()) or {}
+    base = preset.pop("extends", None)
+    if base is None:
+        return preset
+    base_file = preset_file.parent / f"{base}.yaml"
+    if not base_file.is_file():
+        raise SystemExit(f"{preset_file}: extends {base!r}, but there is no {base_file}")
+    return _merge(load_preset(base_file), preset)
+
+
+def _merge(base: dict, changes: dict) -> dict:
+    for key, value in changes.items():
+        base[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return base
 
 
 def _dump(yaml: YAML, data) -> str:

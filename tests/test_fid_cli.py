@@ -11,48 +11,12 @@ import numpy as np
 import pytest
 import torch
 import torch_fidelity
-import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
 from PIL import Image
 from threadpoolctl import threadpool_limits
 
 from unite.cli import main
 from unite.fid import PixelFeatures, frechet_distance
-
-
-def write_random_inception_weights(path, images: torch.Tensor, seed: int = 0) -> None:
-    """Build torch-fidelity's Inception module without any weights file, randomise it, and save its state
-    dict as torch-fidelity loads `feature_extractor_weights_path` (torch.load, then load_state_dict).
-
-    The class logits are random projections of how an image's pool features deviate from the mean over
-    `images`: a random network whose softmax varies across those images, so their IS is informative.
-    """
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(tf_inception, "load_state_dict_from_url", lambda *args, **kwargs: {})
-        patch.setattr(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
-        network = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in network.modules():
-            if isinstance(module, torch.nn.Conv2d):  # He-scaled, so activations neither vanish nor explode
-                fan_in = module.weight[0].numel()
-                module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * (2 / fan_in) ** 0.5)
-            elif isinstance(module, torch.nn.BatchNorm2d):
-                n = module.num_features
-                module.weight.copy_(0.5 + torch.rand(n, generator=gen))
-                module.bias.copy_(0.2 * torch.randn(n, generator=gen))
-                module.running_mean.copy_(0.2 * torch.randn(n, generator=gen))
-                module.running_var.copy_(0.5 + torch.rand(n, generator=gen))
-        (pool,) = network(images)
-        mean = pool.mean(dim=0)
-        mean = mean / mean.norm()
-        projection = torch.randn(1008, 2048, generator=gen) * 0.3
-        network.fc.weight.copy_(projection - (projection @ mean)[:, None] * mean[None, :])
-        # The 8 outputs past the 1000 ImageNet classes get logits some 60 below the class logits, as unused
-        # classes have: IS over the first 1000 (ours) and over all 1008 (torch-fidelity) then coincide to
-        # ~1e-20, and no probability underflows to 0 (which makes torch-fidelity's IS NaN).
-        network.fc.weight[1000:] = -60 * mean / (pool @ mean).mean()
-        network.fc.bias.copy_(torch.randn(1008, generator=gen))
-    torch.save(network.state_dict(), path)
+from unite.stand_in_weights import write_random_inception_weights
 
 
 def write_pngs(folder, images: np.ndarray) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import warnings
 from pathlib import Path
 
 import torch
@@ -46,7 +47,9 @@ def build_lpips(vgg_weights: str | None = None, random_backbone: bool = False) -
     import lpips
 
     weights_path = None if random_backbone else find_vgg16_weights(vgg_weights)
-    with contextlib.redirect_stdout(io.StringIO()):  # lpips prints its setup on stdout
+    # lpips prints its setup on stdout and calls torchvision with its deprecated `pretrained` flag.
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
         module = lpips.LPIPS(net="vgg", version="0.1", pnet_rand=True, verbose=False)
     if weights_path is not None:
         trunk = torch.load(weights_path, map_location="cpu", weights_only=True)

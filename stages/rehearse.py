@@ -1,0 +1,224 @@
+"""Rehearse a recipe from presets/ end to end in miniature before spending GPU-days on it:
+
+    python -m stages.rehearse unite-b            # one preset
+    python -m stages.rehearse --all              # every preset in presets/
+
+In a temporary copy of this repository (the workspace's params, data and checkpoints are never
+touched), it runs exactly what a user runs for the real thing, `python -m stages.preset NAME` and
+`dvc repro`, with only the sizes shrunk (model widths and depths, image size, class count, image
+counts, steps, batch sizes, process counts): every other setting and code path stays, so a preset
+that would stop after hours of sharding or days of training stops here in minutes.
+
+What it stands in for, since nothing can be downloaded: an ImageNet-layout folder of JPEGs of
+varied sizes (`data/imagenet/{train,val}/<wnid>/*.JPEG`), a JiT-format statistics file (only `mu`
+and `sigma`), and random Inception and VGG16 weights in a throwaway cache (INCEPTION_WEIGHTS,
+TORCH_HOME). The metrics mark those weights as not official, and the scores mean nothing; what
+counts is that every stage ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+
+from unite.data.image import center_crop, to_rgb
+from unite.fid import InceptionFeatures, extract
+from unite.perceptual import VGG16_FILE
+from unite.stand_in_weights import write_random_inception_weights, write_random_vgg16_trunk
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = ROOT / "presets"
+
+CLASSES = 4
+TRAIN_PER_CLASS = 12
+VAL_PER_CLASS = 4
+IMAGE_SIZE = 32
+PER_DEVICE_BATCH = 2
+ACCUMULATION = 2  # micro-batches per optimizer step, as the presets have
+
+
+def shrunk_sizes(nproc: int, num_train: int) -> dict[str, Any]:
+    """The sizes a rehearsal changes; everything else keeps the preset's value."""
+    evaluation = {"nproc_per_node": nproc, "num_images": 4 * CLASSES, "block_size": 4}
+    return {
+        "shard": {"image_size": IMAGE_SIZE, "shard_size": 8, "workers": 2},
+        "fid_ref": {"batch_size": 16},
+        "train": {
+            "nproc_per_node": nproc,
+            "model": {
+                "encoder_depth": 5, "encoder_hidden": 64, "encoder_heads": 2, "in_context_len": 4,
+                "decoder_layers": 1, "decoder_hidden": 64, "decoder_heads": 2, "decoder_mlp": 128,
+                "decoder_proj_dim": 64, "image_size": IMAGE_SIZE, "patch_size": 8, "num_latent_tokens": 16,
+                "num_classes": CLASSES,
+            },
+            "per_device_batch": PER_DEVICE_BATCH,
+            "global_batch": PER_DEVICE_BATCH * nproc * ACCUMULATION,
+            "max_steps": 8,  # crosses an epoch boundary: an epoch is 6 optimizer steps on 2 ranks
+            "log_every": 2,
+            "checkpoint_every": 4,
+            "num_workers": 1,
+        },
+        "schedule": {"images_per_epoch": num_train},
+        "sweep": {**evaluation, "max_extra_steps": 1, "steps": 4},
+        "evaluate": {**evaluation, "steps": 4, "grid_per_class": 2, "recon_images": 8},
+    }
+
+
+def apply_sizes(params: dict[str, Any], sizes: dict[str, Any]) -> dict[str, Any]:
+    """Overwrite the size keys in params (train.model and train.schedule key by key)."""
+    for section, values in sizes.items():
+        if section == "schedule":
+            schedule = params["train"]["schedule"]
+            if "images_per_epoch" in schedule:  # the unite_b schedule counts the data set's images
+                schedule.update(values)
+            continue
+        for key, value in values.items():
+            if key == "model":
+                params[section]["model"].update(value)
+            elif key in params[section]:
+                params[section][key] = value
+            else:
+                raise KeyError(f"params.yaml has no {section}.{key}: the rehearsal's sizes are out of date")
+    return params
+
+
+def write_imagenet_folder(root: Path, seed: int = 0) -> None:
+    """JPEGs in ImageNet's layout and naming, of varied sizes and aspect ratios (some large enough
+    for the crop's BOX halving, one grayscale), each class with its own colour."""
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", TRAIN_PER_CLASS), ("val", VAL_PER_CLASS)):
+        for cls in range(CLASSES):
+            wnid = f"n{1440764 + cls:08d}"
+            folder = root / split / wnid
+            folder.mkdir(parents=True, exist_ok=True)
+            colour = rng.uniform(40, 215, 3)
+            for index in range(count):
+                width, height = (int(v) for v in rng.integers(24, 160, 2))  # some below the crop: upsampled
+                ramp = np.linspace(-1, 1, width)[None, :, None] * rng.uniform(-40, 40, 3)
+                noise = rng.normal(0, 25, (height, width, 3))
+                pixels = np.clip(colour + ramp + noise, 0, 255).astype(np.uint8)
+                image = Image.fromarray(pixels)
+                if split == "train" and cls == 0 and index == 0:
+                    image = image.convert("L")  # ImageNet holds a few grayscale JPEGs
+                image.save(folder / f"{wnid}_{1000 + index}.JPEG", quality=90)
+
+
+def crops(folder: Path) -> torch.Tensor:
+    """uint8 (N, 3, S, S) centre crops of every JPEG under folder."""
+    images = [np.asarray(center_crop(to_rgb(Image.open(p)), IMAGE_SIZE)) for p in sorted(folder.rglob("*.JPEG"))]
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+
+
+def write_jit_stats(path: Path, images: torch.Tensor, inception_weights: Path) -> None:
+    """mu and sigma of the images' Inception features, and nothing else: JiT's file format."""
+    stats, _ = extract(InceptionFeatures(inception_weights), images.split(16), progress=False)
+    np.savez(path, mu=stats.mu, sigma=stats.sigma)
+
+
+def copy_repository(target: Path) -> None:
+    """The repository's files as a fresh clone has them (plus uncommitted, not ignored ones)."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                            text=True, check=True).stdout.splitlines()
+    for name in listed:
+        if (ROOT / name).is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, target / name)
+    identity = ["-c", "user.name=unite-rehearsal", "-c", "user.email=rehearsal@localhost"]
+    for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", *identity, "commit", "-qm", "rehearsal"]):
+        subprocess.run(command, cwd=target, check=True, capture_output=True)
+
+
+def run(command: list[str], cwd: Path, env: dict[str, str]) -> None:
+    """Run a user command with its output on this console; stop on failure."""
+    print(f"\n$ {' '.join(command)}", flush=True)
+    result = subprocess.run(command, cwd=cwd, env=env)
+    if result.returncode != 0:
+        raise RehearsalFailed(f"`{' '.join(command)}` failed with exit code {result.returncode} in {cwd}")
+
+
+class RehearsalFailed(RuntimeError):
+    pass
+
+
+def rehearse(preset: str, workdir: Path, nproc: int = 2, device: str = "auto") -> dict[str, Any]:
+    """Rehearse one preset in workdir (created; must not exist); returns metrics/eval.json."""
+    repo, cache = workdir / "repo", workdir / "stand-ins"
+    repo.mkdir(parents=True)
+    copy_repository(repo)
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "TORCH_HOME": str(cache / "torch"), "INCEPTION_WEIGHTS": str(cache / "inception-random.pth")}
+    env.setdefault("OMP_NUM_THREADS", "1")  # several ranks and loader workers share a few cores
+    run([sys.executable, "-m", "stages.preset", preset], repo, env)
+
+    params_file = repo / "params.yaml"
+    params = yaml.safe_load(params_file.read_text())
+    source = repo / params["manifest"]["root"]
+    write_imagenet_folder(source)
+    sizes = shrunk_sizes(nproc, num_train=CLASSES * TRAIN_PER_CLASS)
+    params = apply_sizes(params, sizes)
+    params["train"]["device"] = device
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    print(f"\nrehearsal: {preset} with sizes shrunk: {json.dumps(sizes)}", flush=True)
+
+    train_crops = crops(source / "train")
+    write_random_vgg16_trunk(cache / "torch" / "hub" / "checkpoints" / VGG16_FILE)
+    write_random_inception_weights(env["INCEPTION_WEIGHTS"], train_crops)
+    if params["fid_ref"]["stats"] is not None:
+        write_jit_stats(repo / params["fid_ref"]["stats"], train_crops, Path(env["INCEPTION_WEIGHTS"]))
+
+    run(["dvc", "repro"], repo, env)
+    return json.loads((repo / "metrics" / "eval.json").read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stages.rehearse", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("presets", nargs="*", help="names of files in presets/, e.g. unite-b")
+    parser.add_argument("--all", action="store_true", help="every preset in presets/")
+    parser.add_argument("--nproc", type=int, default=2, help="torchrun processes per stage (default 2)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="train.device")
+    parser.add_argument("--keep", type=Path, help="work in this new folder and keep it (default: a temporary one)")
+    args = parser.parse_args(argv)
+    known = sorted(p.stem for p in PRESETS.glob("*.yaml"))
+    names = known if args.all else args.presets
+    unknown = sorted(set(names) - set(known))
+    if not names or unknown:
+        parser.error(f"presets {unknown or names}: name one or more of {known}, or pass --all")
+    if args.keep is not None and args.keep.exists():
+        parser.error(f"--keep {args.keep}: already exists; give a new folder")
+
+    for name in names:
+        workdir = (args.keep / name) if args.keep else Path(tempfile.mkdtemp(prefix=f"unite-rehearsal-{name}-")) / "run"
+        start = time.monotonic()
+        print(f"rehearsal: {name} in {workdir}", flush=True)
+        try:
+            metrics = rehearse(name, workdir, args.nproc, args.device)
+        except RehearsalFailed as failure:
+            print(f"\nrehearsal: {name} FAILED: {failure}", file=sys.stderr)
+            print(f"rehearsal: its workspace is kept for inspection: {workdir / 'repo'}", file=sys.stderr)
+            return 1
+        generation = metrics["generation"]
+        print(f"\nrehearsal: {name} passed in {time.monotonic() - start:.0f} s: every stage ran "
+              f"(FID {generation.get('fid', float('nan')):.2f} from random weights: meaningless, "
+              f"weights: {generation.get('weights', 'n/a')})", flush=True)
+        if args.keep is None:
+            shutil.rmtree(workdir.parent, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
