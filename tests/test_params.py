@@ -76,5 +76,21 @@ def test_presets_switch_to_the_imagenet_recipe(tmp_path, monkeypatch, preset, en
 def test_unknown_preset(tmp_path, monkeypatch):
     shutil.copytree(ROOT / "presets", tmp_path / "presets")
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit, match="known presets: \\['unite-b', 'unite-l'\\]"):
+    with pytest.raises(SystemExit, match="known presets: \\['unite-b', 'unite-b-release', 'unite-l', 'unite-l-release'\\]"):
         apply_preset("unite-xl")
+
+
+@pytest.mark.parametrize("preset, base", [("unite-b-release", "unite-b"), ("unite-l-release", "unite-l")])
+def test_release_presets_are_their_base_with_14_flow_draws(tmp_path, monkeypatch, preset, base):
+    shutil.copytree(ROOT / "presets", tmp_path / "presets")
+    monkeypatch.chdir(tmp_path)
+    for name in (base, preset):
+        shutil.copy(ROOT / "params.yaml", tmp_path / f"{name}.yaml")
+        apply_preset(name, Path(f"{name}.yaml"))
+    base_params, release = (load_params(Path(f"{name}.yaml")) for name in (base, preset))
+    assert release["train"]["model"]["flow_steps_per_recon"] == 14  # the released checkpoints' K
+    assert base_params["train"]["model"]["flow_steps_per_recon"] == 3  # the public config's K
+    # Everything else is the base recipe: only the flow-draw keys differ.
+    for params in (base_params, release):
+        params["train"]["model"].pop("flow_steps_per_recon"), params["train"]["model"].pop("flow_mini_batch")
+    assert release == base_params
