@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from unite.safe_load import load_torch_file
+
 VGG16_FILE = "vgg16-397923af.pth"
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 
@@ -46,7 +48,7 @@ def build_lpips(vgg_weights: str | None = None, random_backbone: bool = False) -
     with contextlib.redirect_stdout(io.StringIO()):  # lpips prints its setup on stdout
         module = lpips.LPIPS(net="vgg", version="0.1", pnet_rand=True, verbose=False)
     if weights_path is not None:
-        trunk = torch.load(weights_path, map_location="cpu", weights_only=True)
+        trunk = load_torch_file(weights_path, opt_in=None)
         # lpips splits torchvision's `features.{i}` into slices but keeps the layer index i.
         mapped = {}
         for name in module.net.state_dict():
