@@ -82,7 +82,7 @@ def assert_one_line_refusal(output: str, prefix: str, opt_in: str) -> None:
     lines = output.strip().splitlines()
     assert len(lines) == 1, output
     assert lines[0].startswith(prefix) and "refused to load" in lines[0], lines[0]
-    assert "builtins.exec" in lines[0] and f"pass {opt_in}" in lines[0], lines[0]
+    assert "builtins.exec" in lines[0] and f"opt in with {opt_in}" in lines[0], lines[0]
 
 
 # ------------------------------------------------------------------------------ reference checkpoints

@@ -63,7 +63,7 @@ def load_torch_file(path: str | Path, opt_in: str | None, trust_pickle: bool = F
     except pickle.UnpicklingError as error:
         wanted = _wanted_objects(path, error)
     if not trust_pickle:
-        remedy = f"if you trust this file, pass {opt_in}" if opt_in else "the file must hold only those"
+        remedy = f"if you trust this file, opt in with {opt_in}" if opt_in else "the file must hold only those"
         raise UntrustedPickleError(
             f"{path}: refused to load: it wants to unpickle {wanted}, which can run code (only tensors and "
             f"plain values load by default); {remedy}"
