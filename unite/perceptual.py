@@ -13,8 +13,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from unite.safe_load import load_torch_file
-
 VGG16_FILE = "vgg16-397923af.pth"
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 
@@ -43,6 +41,8 @@ def find_vgg16_weights(path: str | None) -> Path:
 def build_lpips(vgg_weights: str | None = None, random_backbone: bool = False) -> nn.Module:
     """A frozen LPIPS(VGG) module; `random_backbone=True` (tests only) skips the trunk weights."""
     import lpips
+
+    from unite.safe_load import load_torch_file
 
     weights_path = None if random_backbone else find_vgg16_weights(vgg_weights)
     with contextlib.redirect_stdout(io.StringIO()):  # lpips prints its setup on stdout
