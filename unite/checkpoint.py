@@ -29,8 +29,6 @@ from unite.safe_load import UntrustedPickleError, load_torch_file, trust_pickle_
 
 _NAME = re.compile(r"^step_(\d+)\.pt$")
 _TMP_SUFFIX = ".tmp"
-# Set to 1 to fully unpickle a checkpoint that needs more than tensors and plain values.
-TRUST_PICKLE_ENV = "UNITE_TRUST_PICKLE"
 
 
 def checkpoint_path(directory: str | Path, step: int) -> Path:
@@ -116,6 +114,10 @@ def exclusive_folder(directory: str | Path, wait_s: float = 600.0) -> Iterator[N
         yield
     finally:
         os.close(fd)
+
+
+# Set to 1 to fully unpickle a checkpoint that needs more than tensors and plain values.
+TRUST_PICKLE_ENV = "UNITE_TRUST_PICKLE"
 
 
 def load_checkpoint(path: str | Path, trust_pickle: bool | None = None) -> dict[str, Any]:
