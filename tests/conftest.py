@@ -9,20 +9,20 @@ import torch
 
 from unite.config import ModelConfig, model_config
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 PARITY_FIXTURE = FIXTURES / "unite_parity_a.pt"
 
 
 @pytest.fixture(scope="session")
 def parity_fixture_path() -> Path:
-    if not PARITY_FIXTURE.is_file():
-        pytest.skip(f"reference fixture not available: {PARITY_FIXTURE} (shared/ sits beside the checkout)")
+    """The reference fixture kept in the repository (see tests/fixtures/README.md)."""
     return PARITY_FIXTURE
 
 
 @pytest.fixture(scope="session")
 def parity_fixture(parity_fixture_path: Path) -> dict:
-    return torch.load(parity_fixture_path, map_location="cpu", weights_only=False)
+    """The fixture's contents: tensors and plain values only, so weights-only loading suffices."""
+    return torch.load(parity_fixture_path, map_location="cpu", weights_only=True)
 
 
 def small_config(**overrides) -> ModelConfig:

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from unite.config import ModelConfig
+from unite.safe_load import UntrustedPickleError, load_torch_file, trust_pickle_from_env
 
 _NAME = re.compile(r"^step_(\d+)\.pt$")
 _TMP_SUFFIX = ".tmp"
@@ -115,13 +116,25 @@ def exclusive_folder(directory: str | Path, wait_s: float = 600.0) -> Iterator[N
         os.close(fd)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A checkpoint's contents on the CPU; a clear error when the file is missing or unreadable."""
+# Set to 1 to fully unpickle a checkpoint that needs more than tensors and plain values.
+TRUST_PICKLE_ENV = "UNITE_TRUST_PICKLE"
+
+
+def load_checkpoint(path: str | Path, trust_pickle: bool | None = None) -> dict[str, Any]:
+    """A checkpoint's contents on the CPU, rebuilt weights-only (tensors and plain values: a file
+    from elsewhere runs no code); a clear error when the file is missing or unreadable.
+
+    A file that needs full unpickling raises UntrustedPickleError unless `trust_pickle` (None: the
+    environment variable UNITE_TRUST_PICKLE=1 decides, so the trainer's resume can opt in)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if trust_pickle is None:
+        trust_pickle = trust_pickle_from_env(TRUST_PICKLE_ENV)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return load_torch_file(path, f"{TRUST_PICKLE_ENV}=1", trust_pickle)
+    except UntrustedPickleError:
+        raise
     except Exception as error:
         raise ValueError(f"checkpoint {path} cannot be read ({error}); it may be corrupt") from error
 

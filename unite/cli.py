@@ -9,7 +9,7 @@ import sys
 def _parity(args: argparse.Namespace) -> int:
     from unite.parity import run_parity
 
-    return run_parity(args.fixture)
+    return run_parity(args.fixture, trust_pickle=args.trust_pickle)
 
 
 def _fid(args: argparse.Namespace) -> int:
@@ -46,6 +46,12 @@ def _add_feature_args(command: argparse.ArgumentParser) -> None:
     command.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     command.add_argument("--num-workers", type=int, default=0, help="image decoding processes")
     command.add_argument("--recursive", action="store_true", help="also read images in subfolders")
+
+
+def _add_trust_pickle(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--trust-pickle", action="store_true",
+                         help="fully unpickle a file that holds more than tensors and plain values; that can "
+                              "run any code the file holds, so only for files you trust (a warning is printed)")
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -99,12 +105,17 @@ def _import_reference(args: argparse.Namespace) -> int:
     from unite.config import model_config
     from unite.model import UNITE
     from unite.reference import load_reference_state_dict
+    from unite.safe_load import UntrustedPickleError
 
     cfg = model_config(args.encoder, args.decoder, perceptual_weight=0.0, num_classes=args.num_classes,
                        image_size=args.image_size, patch_size=args.patch_size,
                        num_latent_tokens=(args.image_size // args.patch_size) ** 2, latent_dim=args.latent_dim)
     model = UNITE(cfg)
-    load_reference_state_dict(model, args.checkpoint, weights=args.weights)
+    try:
+        load_reference_state_dict(model, args.checkpoint, weights=args.weights, trust_pickle=args.trust_pickle)
+    except UntrustedPickleError as exc:
+        print(f"unite import-reference: error: {exc}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out))
@@ -122,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         "parity", help="recompute a reference fixture's outputs and compare them within tolerance"
     )
     parity.add_argument("fixture", help="fixture .pt file (config, state_dict, inputs, outputs)")
+    _add_trust_pickle(parity)
     parity.set_defaults(handler=_parity)
 
     fid = commands.add_parser("fid", help="FID and Inception Score of generated images against a reference")
@@ -172,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--image-size", type=int, default=256)
     imp.add_argument("--patch-size", type=int, default=16)
     imp.add_argument("--latent-dim", type=int, default=32)
+    _add_trust_pickle(imp)
     imp.set_defaults(handler=_import_reference)
 
     return parser

@@ -29,6 +29,8 @@ from threadpoolctl import threadpool_limits
 from torch import Tensor
 from tqdm import tqdm
 
+from unite.safe_load import UntrustedPickleError, load_torch_file
+
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_FILE}"
 INCEPTION_WEIGHTS_ENV = "INCEPTION_WEIGHTS"
@@ -110,9 +112,16 @@ class InceptionFeatures:
         self.weights = resolve_inception_weights(weights)
         self.weights_check = weights_check(self.weights, INCEPTION_WEIGHTS_SHA256_PREFIX)
         try:
+            # torch-fidelity would torch.load the file with full unpickling; it gets the state dict
+            # rebuilt weights-only instead (tensors only, so its re-serialised copy runs no code).
+            state, buffer = load_torch_file(self.weights, opt_in=None), io.BytesIO()
+            torch.save(state, buffer)
+            buffer.seek(0)
             network = FeatureExtractorInceptionV3(
-                INCEPTION_NAME, ["2048", "logits_unbiased"], feature_extractor_weights_path=str(self.weights)
+                INCEPTION_NAME, ["2048", "logits_unbiased"], feature_extractor_weights_path=buffer
             )
+        except UntrustedPickleError as exc:
+            raise MetricsInputError(f"inception_weights: {exc}") from exc
         except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:  # torch.load or load_state_dict
             raise MetricsInputError(
                 f"inception_weights={str(self.weights)!r}: could not be loaded as torch-fidelity's {INCEPTION_NAME} "
@@ -241,7 +250,7 @@ class GaussianStats:
         """Read an npz with `mu` (D,) and `sigma` (D, D); a file without `feature_space` (JiT's) is
         taken to be Inception statistics."""
         try:
-            data = np.load(path)
+            data = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as exc:
             raise MetricsInputError(f"reference statistics {str(path)!r}: not a readable npz ({exc})") from exc
         with data:
@@ -251,9 +260,11 @@ class GaussianStats:
                     f"reference statistics {str(path)!r}: no {' or '.join(repr(k) for k in missing)} array "
                     f"(has {data.files}); it must hold 'mu' (D,) and 'sigma' (D, D)"
                 )
-            mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
-            num_images = int(data["num_images"]) if "num_images" in data.files else 0
-            space = str(data["feature_space"]) if "feature_space" in data.files else INCEPTION_NAME
+            what = f"reference statistics {str(path)!r}"
+            mu = npz_array(data, "mu", what).astype(np.float64)
+            sigma = npz_array(data, "sigma", what).astype(np.float64)
+            num_images = int(npz_array(data, "num_images", what)) if "num_images" in data.files else 0
+            space = str(npz_array(data, "feature_space", what)) if "feature_space" in data.files else INCEPTION_NAME
         if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
             raise MetricsInputError(
                 f"reference statistics {str(path)!r}: mu has shape {mu.shape} and sigma {sigma.shape}; "
@@ -444,9 +455,22 @@ def iter_image_files(files: list[str], batch_size: int = 64, num_workers: int = 
     yield from loader
 
 
+def npz_array(data: np.lib.npyio.NpzFile, key: str, what: str) -> np.ndarray:
+    """One array of an npz opened with allow_pickle=False; a pickled object array (loading it
+    could run code) or a malformed one is refused with a MetricsInputError naming it."""
+    try:
+        return data[key]
+    except ValueError as exc:
+        raise MetricsInputError(
+            f"{what}: array {key!r} cannot be read ({exc}); npz inputs must hold numeric arrays "
+            f"(pickled object arrays are refused: loading them could run code)"
+        ) from exc
+
+
 def _npz_images(path: Path) -> np.ndarray:
-    with np.load(path) as data:
-        arrays = [array for array in (data[key] for key in data.files) if array.dtype == np.uint8 and array.ndim == 4]
+    with np.load(path, allow_pickle=False) as data:
+        arrays = [array for array in (npz_array(data, key, repr(str(path))) for key in data.files)
+                  if array.dtype == np.uint8 and array.ndim == 4]
     if len(arrays) != 1:
         raise MetricsInputError(
             f"{str(path)!r}: found {len(arrays)} uint8 4-D arrays; an image npz must hold exactly one, "
@@ -531,7 +555,7 @@ def load_reference(
         return GaussianStats.load(resolve_reference_stats(None))
     path = Path(ref)
     if path.is_file() and path.suffix == ".npz":
-        with np.load(path) as data:
+        with np.load(path, allow_pickle=False) as data:
             is_stats = "mu" in data.files
         if is_stats:
             return GaussianStats.load(path)

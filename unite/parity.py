@@ -1,7 +1,7 @@
 """Parity against tensors recorded from the reference implementation (`unite parity FIXTURE`).
 
 A fixture is a dict with `config`, `state_dict` (reference key names), `inputs` and `outputs`;
-see shared/fixtures/README.md for the meaning of each entry.
+see tests/fixtures/README.md for the meaning of each entry.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from torch import Tensor
 from unite.config import ModelConfig
 from unite.model import UNITE
 from unite.reference import load_reference_state_dict
+from unite.safe_load import TRUST_PICKLE_FLAG, UntrustedPickleError, load_torch_file
 from unite.sampling import Guidance, guided_prediction, sample_latents
 
 FORWARD_TOLERANCE = 1e-4
@@ -101,13 +102,18 @@ def compare(fixture: dict[str, Any]) -> list[tuple[str, float, float, bool]]:
     return rows
 
 
-def run_parity(path: str | Path) -> int:
-    """Print the comparison table; 0 if every output is within tolerance, 1 otherwise."""
+def run_parity(path: str | Path, trust_pickle: bool = False) -> int:
+    """Print the comparison table; 0 if every output is within tolerance, 1 otherwise. The fixture
+    is rebuilt weights-only; one that needs more is refused (exit 2) unless `trust_pickle`."""
     path = Path(path)
     if not path.is_file():
         print(f"unite parity: fixture {str(path)!r} does not exist")
         return 2
-    fixture = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        fixture = load_torch_file(path, TRUST_PICKLE_FLAG, trust_pickle)
+    except UntrustedPickleError as error:
+        print(f"unite parity: {error}")
+        return 2
     missing = [k for k in ("config", "state_dict", "inputs", "outputs") if k not in fixture]
     if missing:
         print(f"unite parity: {path} is not a parity fixture (no {missing})")

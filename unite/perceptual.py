@@ -46,13 +46,15 @@ def build_lpips(vgg_weights: str | None = None, random_backbone: bool = False) -
     """A frozen LPIPS(VGG) module; `random_backbone=True` (tests only) skips the trunk weights."""
     import lpips
 
+    from unite.safe_load import load_torch_file
+
     weights_path = None if random_backbone else find_vgg16_weights(vgg_weights)
     # lpips prints its setup on stdout and calls torchvision with its deprecated `pretrained` flag.
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
         module = lpips.LPIPS(net="vgg", version="0.1", pnet_rand=True, verbose=False)
     if weights_path is not None:
-        trunk = torch.load(weights_path, map_location="cpu", weights_only=True)
+        trunk = load_torch_file(weights_path, opt_in=None)
         # lpips splits torchvision's `features.{i}` into slices but keeps the layer index i.
         mapped = {}
         for name in module.net.state_dict():

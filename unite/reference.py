@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from unite.model import UNITE
+from unite.safe_load import TRUST_PICKLE_FLAG, load_torch_file
 
 # (reference pattern, this project's name); applied in order, first match wins.
 RENAME_RULES: list[tuple[str, str]] = [
@@ -91,15 +92,18 @@ def load_reference_state_dict(
     model: UNITE,
     source: str | Path | Mapping[str, Any],
     weights: Literal["ema", "model"] = "ema",
+    trust_pickle: bool = False,
 ) -> None:
     """Load a reference-format checkpoint (path or dict) into `model`, strictly.
 
-    Raises ReferenceCheckpointError naming every missing, unexpected or mis-shaped key at once."""
+    A file is rebuilt weights-only: one that needs more (arbitrary objects, which could run code)
+    raises UntrustedPickleError unless `trust_pickle`. Raises ReferenceCheckpointError naming every
+    missing, unexpected or mis-shaped key at once."""
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_file():
             raise FileNotFoundError(f"reference checkpoint {str(path)!r} does not exist")
-        source = torch.load(path, map_location="cpu", weights_only=False)
+        source = load_torch_file(path, TRUST_PICKLE_FLAG, trust_pickle)
     state = select_state_dict(source, weights)
 
     translated: dict[str, Tensor] = {}

@@ -66,6 +66,7 @@ from unite.optim import (
     trained_parameters,
     unite_b_schedule,
 )
+from unite.safe_load import UntrustedPickleError
 
 # Quirk kept from the reference: this parameter exists but is never used, so it never gets a
 # gradient; DDP is told to ignore it (otherwise its reducer waits for that gradient forever).
@@ -747,7 +748,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config)
         result = train(cfg)
-    except (ConfigError, FileNotFoundError) as error:
+    except (ConfigError, FileNotFoundError, UntrustedPickleError) as error:
         print(f"unite.train: error: {error}", file=sys.stderr)
         return 2
     except Preempted as stopped:
