@@ -166,7 +166,11 @@ def test_npz_writer_keeps_no_file_when_images_are_missing(tmp_path):
     with pytest.raises(ValueError, match=r"images.npz: 2 images written, 3 expected"):
         with NpzImageWriter(path, (3, 2, 2, 3)) as writer:
             writer(range(0, 2), torch.zeros(2), torch.zeros((2, 2, 2, 3), dtype=torch.uint8))
-    with pytest.raises(ValueError, match=r"got images 2..2 .* after 0 written"):
+    with pytest.raises(ValueError, match=r"got 1 images 2..2 .* after 0 written"):
         with NpzImageWriter(path, (3, 2, 2, 3)) as writer:
             writer(range(2, 3), torch.zeros(1), torch.zeros((1, 2, 2, 3), dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"got 2 images 2..3 .* up to 3 images"):
+        with NpzImageWriter(path, (3, 2, 2, 3)) as writer:
+            writer(range(0, 2), torch.zeros(2), torch.zeros((2, 2, 2, 3), dtype=torch.uint8))
+            writer(range(2, 4), torch.zeros(2), torch.zeros((2, 2, 2, 3), dtype=torch.uint8))
     assert list(tmp_path.iterdir()) == []

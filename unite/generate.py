@@ -198,10 +198,12 @@ class NpzImageWriter:
         return self
 
     def __call__(self, indices: range, labels: Tensor, images: Tensor) -> None:
-        if indices.start != self.written or tuple(images.shape[1:]) != self.shape[1:]:
+        if (indices.start != self.written or indices.stop > self.shape[0] or len(images) != len(indices)
+                or tuple(images.shape[1:]) != self.shape[1:]):
             raise ValueError(
-                f"{self.path}: got images {indices.start}..{indices.stop - 1} of shape {tuple(images.shape[1:])} "
-                f"after {self.written} written; blocks must come in index order with shape {self.shape[1:]}"
+                f"{self.path}: got {len(images)} images {indices.start}..{indices.stop - 1} of shape "
+                f"{tuple(images.shape[1:])} after {self.written} written; blocks must come in index order, up to "
+                f"{self.shape[0]} images of shape {self.shape[1:]}"
             )
         if images.dtype != torch.uint8:
             raise ValueError(f"{self.path}: images of dtype {images.dtype}; they must be uint8")
