@@ -47,12 +47,14 @@ def worker(args: argparse.Namespace) -> None:
     runtime = init_runtime("cpu")
     size = args.image_size
     torch.manual_seed(0)
-    model = UNITE(model_config("Tiny", "Tiny", image_size=size, patch_size=size // 4, num_latent_tokens=16, latent_dim=8,
-                               num_classes=10, perceptual_weight=0.0)).eval()
+    cfg = model_config("Tiny", "Tiny", image_size=size, patch_size=size // 4, num_latent_tokens=16, latent_dim=8,
+                       num_classes=10, perceptual_weight=0.0)
+    model = UNITE(cfg).eval()
     space = PixelFeatures(8)
-    reference = compute_reference_stats(
-        torch.randint(0, 256, (256, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).split(64),
-        space, progress=False) if runtime.is_main else None
+    reference = None
+    if runtime.is_main:
+        real = torch.randint(0, 256, (256, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        reference = compute_reference_stats(real.split(64), space, progress=False)
     held = []
     with tempfile.TemporaryDirectory() as folder, ExitStack() as stack:
         consumers = []

@@ -55,7 +55,8 @@ def main() -> None:
         scores = generate_and_score(model, space, reference, args.num_images, guidance, args.seed, solver,
                                     max(steps, 1), args.num_images, consumers=[consistency])
         name = solver if solver == "dopri5" else f"{solver} {steps}"
-        print(f"{name:<10} {nfe:>4} {rate:>9.1f} {scores[distance_key(ref['feature_space'])]:>8.3f} {consistency.value:>18.3f}")
+        distance = scores[distance_key(ref["feature_space"])]
+        print(f"{name:<10} {nfe:>4} {rate:>9.1f} {distance:>8.3f} {consistency.value:>18.3f}")
 
 
 if __name__ == "__main__":

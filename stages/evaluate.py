@@ -56,8 +56,8 @@ def main() -> None:
             size = model.cfg.image_size
             OUT.mkdir(exist_ok=True)
             grid = GridSamples(model.cfg.num_classes, evaluate["grid_per_class"])
-            consumers = [stack.enter_context(NpzImageWriter(OUT / "images.npz", (evaluate["num_images"], size, size, 3))),
-                         grid]
+            npz = NpzImageWriter(OUT / "images.npz", (evaluate["num_images"], size, size, 3))
+            consumers = [stack.enter_context(npz), grid]
             if evaluate["class_consistency"]:
                 consistency = ClassConsistency(PixelClassifier(*load_split(SHARDS / "train")))
                 consumers.append(consistency)

@@ -100,7 +100,8 @@ def gathered(model: UNITE, npz: Path) -> tuple[dict, float, np.ndarray]:
     parts = list(generate(model, progress=False, **STREAM))
     images = torch.cat([part[2] for part in parts])
     labels = torch.cat([part[1] for part in parts])
-    batches = (images[i : i + STREAM["block_size"]].permute(0, 3, 1, 2) for i in range(0, len(images), STREAM["block_size"]))
+    block = STREAM["block_size"]
+    batches = (images[i : i + block].permute(0, 3, 1, 2) for i in range(0, len(images), block))
     scores = evaluate_images(batches, stream_reference(), PixelFeatures(4), progress=False)
     np.savez(npz, images.numpy())
     consistency = class_consistency(stream_judge(), images.permute(0, 3, 1, 2), labels)
