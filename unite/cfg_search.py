@@ -1,8 +1,8 @@
 """Classifier-free guidance search and sweeps, as pure functions over an `evaluate` callback.
 
-`evaluate(scale, interval, norm_order) -> fid` generates the search budget of samples (its own seed,
-separate from the reported evaluation set) and scores them; these functions only decide which
-settings to try, so they are tested on synthetic FID curves.
+`evaluate(scale, interval, norm_order) -> fid` generates the images the search scores (by default
+a budget of its own, separate from the reported evaluation set) and scores them; these functions
+only decide which settings to try, so they are tested on synthetic FID curves.
 """
 
 from __future__ import annotations
