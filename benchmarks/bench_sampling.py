@@ -22,7 +22,7 @@ from stages.params import load_params
 from stages.shard import OUT as SHARDS
 from unite.evaluation import feature_space, generate_and_score, load_exported_model, load_split
 from unite.fid import GaussianStats, distance_key
-from unite.metrics import PixelClassifier, class_consistency
+from unite.metrics import ClassConsistency, PixelClassifier
 from unite.sampling import Guidance, sample_latents
 
 SOLVERS = [("dopri5", 0), ("heun", 25), ("heun", 50), ("euler", 25), ("euler", 50)]
@@ -51,11 +51,12 @@ def main() -> None:
         start = time.perf_counter()
         _, nfe = sample_latents(model, probe, probe_labels, guidance, solver=solver, steps=max(steps, 1))
         rate = args.num_images / (time.perf_counter() - start)
-        scores, images, labels = generate_and_score(model, space, reference, args.num_images, guidance, args.seed,
-                                                    solver, max(steps, 1), args.num_images)
-        consistency = class_consistency(judge, images.permute(0, 3, 1, 2), labels)
+        consistency = ClassConsistency(judge)
+        scores = generate_and_score(model, space, reference, args.num_images, guidance, args.seed, solver,
+                                    max(steps, 1), args.num_images, consumers=[consistency])
         name = solver if solver == "dopri5" else f"{solver} {steps}"
-        print(f"{name:<10} {nfe:>4} {rate:>9.1f} {scores[distance_key(ref['feature_space'])]:>8.3f} {consistency:>18.3f}")
+        distance = scores[distance_key(ref["feature_space"])]
+        print(f"{name:<10} {nfe:>4} {rate:>9.1f} {distance:>8.3f} {consistency.value:>18.3f}")
 
 
 if __name__ == "__main__":

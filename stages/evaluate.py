@@ -1,15 +1,18 @@
-"""Stage evaluate: the reported scores at the setting the sweep chose, on a separate seed:
+"""Stage evaluate: the reported scores at the setting the sweep chose (on images of their own
+unless sweep.search_set is "reported"):
 Frechet distance (FID in Inception space, with IS), class consistency, reconstruction metrics on
 the validation split, a per-class sample grid, and the provenance of the run.
 
-Runs under torchrun: every rank generates its share of the images; rank 0 does the rest."""
+Runs under torchrun: every rank generates its share of the images and passes each block on to
+rank 0, which scores it, writes it to samples/images.npz and drops it (memory stays flat in the
+image count); rank 0 does the rest."""
 
 import json
 import platform
 import subprocess
+from contextlib import ExitStack
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from stages.export import OUT as MODEL
@@ -20,13 +23,14 @@ from stages.sweep import METRICS_JSON as SWEEP
 from unite.distributed import close_runtime, init_runtime
 from unite.evaluation import feature_space, generate_and_score, load_exported_model, load_split, reconstruct
 from unite.fid import GaussianStats
-from unite.generate import sample_grid
-from unite.metrics import PixelClassifier, class_consistency, reconstruction_metrics
+from unite.generate import GridSamples, NpzImageWriter
+from unite.metrics import ClassConsistency, PixelClassifier, reconstruction_metrics
 from unite.perceptual import build_lpips
 from unite.sampling import Guidance
 
 OUT = Path("samples")
 METRICS = Path("metrics/eval.json")
+GRID_MIN_CELL = 64  # pixels: smaller samples are enlarged (nearest neighbour) in the grid
 
 
 def provenance(device: torch.device) -> dict:
@@ -44,29 +48,33 @@ def main() -> None:
     chosen = json.loads(SWEEP.read_text())["chosen"]
     guidance = Guidance(scale=chosen["scale"], interval=tuple(chosen["interval"]), norm_order=chosen["norm_order"])
     space = reference = None
-    if runtime.is_main:
-        space = feature_space(ref["feature_space"], SHARDS / "train", ref["inception_weights"], str(device))
-        reference = GaussianStats.load(REFERENCE)
-
-    scored = generate_and_score(model, space, reference, evaluate["num_images"], guidance, evaluate["seed"],
-                                evaluate["solver"], evaluate["steps"], evaluate["block_size"], runtime)
+    consumers = []
+    with ExitStack() as stack:
+        if runtime.is_main:
+            space = feature_space(ref["feature_space"], SHARDS / "train", ref["inception_weights"], str(device))
+            reference = GaussianStats.load(REFERENCE)
+            size = model.cfg.image_size
+            OUT.mkdir(exist_ok=True)
+            grid = GridSamples(model.cfg.num_classes, evaluate["grid_per_class"])
+            npz = NpzImageWriter(OUT / "images.npz", (evaluate["num_images"], size, size, 3))
+            consumers = [stack.enter_context(npz), grid]
+            if evaluate["class_consistency"]:
+                consistency = ClassConsistency(PixelClassifier(*load_split(SHARDS / "train")))
+                consumers.append(consistency)
+        scores = generate_and_score(model, space, reference, evaluate["num_images"], guidance, evaluate["seed"],
+                                    evaluate["solver"], evaluate["steps"], evaluate["block_size"], runtime, consumers)
     close_runtime()
     if not runtime.is_main:
         return
-    scores, images, labels = scored
     metrics = {"generation": {**scores, "cfg_scale": guidance.scale, "solver": evaluate["solver"]}}
     if evaluate["class_consistency"]:
-        train_images, train_labels = load_split(SHARDS / "train")
-        judge = PixelClassifier(train_images, train_labels)
-        metrics["generation"]["class_consistency"] = class_consistency(judge, images.permute(0, 3, 1, 2), labels)
+        metrics["generation"]["class_consistency"] = consistency.value
     lpips = build_lpips().to(device) if evaluate["lpips"] else None
     pairs = reconstruct(model, SHARDS / "val", evaluate["block_size"], evaluate["recon_images"], evaluate["seed"])
     metrics["reconstruction"] = reconstruction_metrics(pairs, feature_space=space, lpips=lpips)
 
-    OUT.mkdir(exist_ok=True)
-    np.savez(OUT / "images.npz", images.numpy())
-    grid = sample_grid(images.numpy(), labels.numpy(), model.cfg.num_classes, evaluate["grid_per_class"])
-    grid.save(OUT / "grid.png")
+    # Small images (the demo's 16-pixel digits) are enlarged so that the grid can be seen.
+    grid.grid(scale=max(1, -(-GRID_MIN_CELL // size))).save(OUT / "grid.png")
     (OUT / "provenance.json").write_text(json.dumps(provenance(device), indent=2) + "\n")
     METRICS.write_text(json.dumps(metrics, indent=2) + "\n")
     print(json.dumps(metrics, indent=2))

@@ -27,7 +27,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "fid_ref": {"feature_space": str, "stats": (str, None), "inception_weights": (str, None), "batch_size": int},
     "sweep": {"nproc_per_node": int, "num_images": int, "seed": int, "start_scale": float, "step": float,
               "max_extra_steps": int, "interval": list, "norm_order": str, "solver": str, "steps": int,
-              "block_size": int, "wide_intervals": list, "wide_norm_orders": list},
+              "block_size": int, "search_set": str, "wide": list, "wide_changes_choice": bool},
     "evaluate": {"nproc_per_node": int, "num_images": int, "seed": int, "solver": str, "steps": int,
                  "block_size": int, "grid_per_class": int, "recon_images": int, "class_consistency": bool,
                  "lpips": bool},
@@ -36,6 +36,7 @@ CHOICES = {
     ("shard", "store"): ("png", "npy", "source"),
     ("fid_ref", "feature_space"): FEATURE_SPACES,
     ("sweep", "norm_order"): ("norm_first", "cfg_first", "both"),
+    ("sweep", "search_set"): ("separate", "reported"),
     ("sweep", "solver"): ("dopri5", "heun", "euler"),
     ("evaluate", "solver"): ("dopri5", "heun", "euler"),
 }
@@ -76,6 +77,22 @@ def _check_section(name: str, section: Any, schema: dict[str, Any]) -> None:
             raise ConfigError(f"{name}.{key}={value!r}: must be one of {list(choices)}")
 
 
+def _check_interval(key: str, interval: Any) -> None:
+    if (not isinstance(interval, list) or len(interval) != 2 or not all(_type_ok(v, float) for v in interval)
+            or not 0 <= interval[0] < interval[1] <= 1):
+        raise ConfigError(f"{key}={interval!r}: must be [low, high] with 0 <= low < high <= 1")
+
+
+def _check_wide_point(key: str, point: Any) -> None:
+    """One point of the wider CFG sweep: {norm_order: ..., interval: [low, high]}."""
+    if not isinstance(point, dict) or set(point) != {"norm_order", "interval"}:
+        raise ConfigError(f"{key}={point!r}: must be a mapping with exactly the keys norm_order and interval")
+    orders = CHOICES[("sweep", "norm_order")]
+    if point["norm_order"] not in orders:
+        raise ConfigError(f"{key}.norm_order={point['norm_order']!r}: must be one of {list(orders)}")
+    _check_interval(f"{key}.interval", point["interval"])
+
+
 def train_config(section: dict[str, Any], out_dir: str, data: dict[str, Any]) -> TrainConfig:
     """The trainer's config from the train section (stage-level keys removed)."""
     values = {k: v for k, v in section.items() if k not in TRAIN_STAGE_KEYS}
@@ -97,15 +114,9 @@ def validate(params: Any) -> dict[str, Any]:
     for name in ("sweep", "evaluate"):
         if params[name]["nproc_per_node"] < 1:
             raise ConfigError(f"{name}.nproc_per_node={params[name]['nproc_per_node']}: must be >= 1")
-    interval = params["sweep"]["interval"]
-    if len(interval) != 2 or not all(_type_ok(v, float) for v in interval) or not 0 <= interval[0] < interval[1] <= 1:
-        raise ConfigError(f"sweep.interval={interval!r}: must be [low, high] with 0 <= low < high <= 1")
-    for low_high in params["sweep"]["wide_intervals"]:
-        if not isinstance(low_high, list) or len(low_high) != 2 or not 0 <= low_high[0] < low_high[1] <= 1:
-            raise ConfigError(f"sweep.wide_intervals: {low_high!r} must be [low, high] with 0 <= low < high <= 1")
-    for order in params["sweep"]["wide_norm_orders"]:
-        if order not in CHOICES[("sweep", "norm_order")]:
-            raise ConfigError(f"sweep.wide_norm_orders: {order!r} must be one of {list(CHOICES[('sweep', 'norm_order')])}")
+    _check_interval("sweep.interval", params["sweep"]["interval"])
+    for number, point in enumerate(params["sweep"]["wide"]):
+        _check_wide_point(f"sweep.wide[{number}]", point)
 
     train = params["train"]
     if not isinstance(train, dict):

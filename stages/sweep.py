@@ -1,10 +1,17 @@
-"""Stage sweep: the adaptive CFG search on its own budget of samples (its own seed, not the images
-that evaluate reports), optionally followed by a wider sweep of CFG intervals and normalisation
-orders at the best scale. Writes metrics/sweep.json (chosen setting, every point) and
-metrics/sweep.tsv (Frechet distance vs CFG scale).
+"""Stage sweep: the adaptive CFG search, optionally followed by the reference's wider sweep of
+(normalisation order, CFG interval) points at the scale the search chose. Writes
+metrics/sweep.json (chosen setting, every point) and metrics/sweep.tsv (Frechet distance vs CFG
+scale, one row per point).
+
+sweep.search_set says which images the search scores: "separate" (default) generates the sweep's
+own budget (sweep.num_images, sweep.seed, sweep.solver, sweep.steps, sweep.block_size), so the
+reported scores are not tuned on the images they are measured on; "reported" generates exactly
+the images that evaluate reports (evaluate's num_images, seed, solver, steps and block_size), as
+the reference does, for comparison with its numbers. The wide points are reported and, as in the
+reference, never change the chosen setting unless sweep.wide_changes_choice is true.
 
 Runs under torchrun: every rank generates its share of each point's images, rank 0 scores them
-and shares the score, so that all ranks walk the same search."""
+as they arrive and shares the score, so that all ranks walk the same search."""
 
 from pathlib import Path
 
@@ -14,7 +21,7 @@ from stages.export import OUT as MODEL
 from stages.fid_ref import OUT as REFERENCE
 from stages.params import load_params
 from stages.shard import OUT as SHARDS
-from unite.cfg_search import CfgResult, adaptive_cfg_search, cfg_sweep
+from unite.cfg_search import adaptive_cfg_search, wide_sweep
 from unite.distributed import close_runtime, init_runtime
 from unite.evaluation import feature_space, generate_and_score, load_exported_model
 from unite.fid import GaussianStats, distance_key
@@ -23,11 +30,19 @@ from unite.sampling import Guidance
 METRICS_JSON = Path("metrics/sweep.json")
 METRICS_TSV = Path("metrics/sweep.tsv")
 METRIC = "frechet_distance"
+GENERATION_KEYS = ("num_images", "seed", "solver", "steps", "block_size")
+
+
+def search_images(params: dict) -> dict:
+    """The generation settings of the images the search scores (see sweep.search_set)."""
+    source = params["evaluate"] if params["sweep"]["search_set"] == "reported" else params["sweep"]
+    return {key: source[key] for key in GENERATION_KEYS}
 
 
 def main() -> None:
     params = load_params()
     sweep, ref = params["sweep"], params["fid_ref"]
+    images = search_images(params)
     runtime = init_runtime()
     model = load_exported_model(MODEL, runtime.device)
     space = reference = None
@@ -37,9 +52,9 @@ def main() -> None:
 
     def evaluate(scale: float, interval: tuple[float, float], norm_order: str) -> float:
         guidance = Guidance(scale=scale, interval=interval, norm_order=norm_order)
-        scored = generate_and_score(model, space, reference, sweep["num_images"], guidance, sweep["seed"],
-                                    sweep["solver"], sweep["steps"], sweep["block_size"], runtime)
-        value = [scored[0][distance_key(ref["feature_space"])] if scored else None]
+        scores = generate_and_score(model, space, reference, images["num_images"], guidance, images["seed"],
+                                    images["solver"], images["steps"], images["block_size"], runtime)
+        value = [scores[distance_key(ref["feature_space"])] if scores else None]
         if runtime.world_size > 1:
             dist.broadcast_object_list(value, src=0)
         if runtime.is_main:
@@ -50,14 +65,9 @@ def main() -> None:
         evaluate, start=sweep["start_scale"], step=sweep["step"], max_extra_steps=sweep["max_extra_steps"],
         interval=tuple(sweep["interval"]), norm_order=sweep["norm_order"], metric=METRIC,
     )
-    if sweep["wide_intervals"] or sweep["wide_norm_orders"]:
-        # The wider sweep: other CFG intervals and normalisation orders at the best scale.
-        wide = cfg_sweep(
-            evaluate, [result.chosen.scale], [tuple(i) for i in sweep["wide_intervals"]] or [tuple(sweep["interval"])],
-            sweep["wide_norm_orders"] or [sweep["norm_order"]], known=result.points, metric=METRIC,
-        )
-        points = result.points + [p for p in wide.points if p not in result.points]
-        result = CfgResult(min(points, key=lambda p: p.value), points, METRIC)
+    if sweep["wide"]:
+        settings = [(point["norm_order"], tuple(point["interval"])) for point in sweep["wide"]]
+        result = wide_sweep(evaluate, result, settings, may_change_choice=sweep["wide_changes_choice"])
     close_runtime()
     if runtime.is_main:
         result.write(METRICS_JSON, METRICS_TSV)

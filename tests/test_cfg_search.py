@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from unite.cfg_search import CfgPoint, adaptive_cfg_search, cfg_sweep
+from unite.cfg_search import CfgPoint, adaptive_cfg_search, cfg_points, cfg_sweep, wide_sweep
 
 
 class Curve:
@@ -117,3 +117,40 @@ def test_results_write_json_and_a_dvc_plots_tsv(tmp_path):
     assert [float(r["cfg_scale"]) for r in rows] == visited(result)
     assert [float(r["fid"]) for r in rows] == pytest.approx([(s - 2.6) ** 2 for s in visited(result)])
     assert rows[0]["norm_order"] == "norm_first" and rows[0]["interval_low"] == "0.1"
+
+
+def test_points_are_evaluated_in_the_given_order_reusing_known_ones():
+    curve = Curve(lambda s: s)
+    known = [CfgPoint(2.0, (0.1, 1.0), "norm_first", 0.5, "search")]
+    settings = [(2.0, (0.0, 1.0), "norm_first"), (2.0, (0.1, 1.0), "norm_first"), (2.0, (0.1, 1.0), "cfg_first")]
+    result = cfg_points(curve, settings, known=known)
+    assert [(p.scale, p.interval, p.norm_order) for p in result.points] == settings
+    assert curve.calls == [settings[0], settings[2]]
+    assert result.points[1] is known[0]
+
+
+def wide_curve(scale, interval, norm_order):
+    # The search's setting scores (scale - 2.5)^2; each wide setting a fixed, lower value.
+    wide = {((0.0, 1.0), "norm_first"): 0.01, ((0.1, 1.0), "cfg_first"): 0.02}
+    return wide.get((tuple(interval), norm_order), (scale - 2.5) ** 2 + 1.0)
+
+
+REFERENCE_WIDE = [("norm_first", (0.0, 1.0)), ("norm_first", (0.05, 1.0)), ("norm_first", (0.15, 1.0)),
+                  ("norm_first", (0.2, 1.0)), ("cfg_first", (0.1, 1.0))]
+
+
+def test_wide_points_are_reported_at_the_chosen_scale_and_never_chosen():
+    search = adaptive_cfg_search(wide_curve, start=3.0, step=0.25)
+    assert search.chosen.scale == 2.5
+    result = wide_sweep(wide_curve, search, REFERENCE_WIDE)
+    assert result.chosen == search.chosen  # 0.01 is better, yet the search's setting stays
+    wide = result.points[len(search.points):]
+    assert result.points[: len(search.points)] == search.points
+    assert [(p.norm_order, p.interval) for p in wide] == REFERENCE_WIDE
+    assert all(p.scale == 2.5 and p.stage == "sweep" for p in wide)
+
+
+def test_wide_points_may_change_the_choice_when_asked():
+    search = adaptive_cfg_search(wide_curve, start=3.0, step=0.25)
+    result = wide_sweep(wide_curve, search, REFERENCE_WIDE, may_change_choice=True)
+    assert (result.chosen.scale, result.chosen.interval, result.chosen.norm_order) == (2.5, (0.0, 1.0), "norm_first")

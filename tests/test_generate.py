@@ -7,7 +7,17 @@ import pytest
 import torch
 
 from conftest import perturb_, small_config
-from unite.generate import class_balanced_labels, generate, noise_for, rank_blocks, sample_grid, to_uint8
+from unite.generate import (
+    GridSamples,
+    class_balanced_labels,
+    generate,
+    noise_for,
+    rank_blocks,
+    sample_grid,
+    to_uint8,
+    write_npz,
+    write_pngs,
+)
 from unite.model import UNITE
 from unite.sampling import Guidance
 
@@ -76,3 +86,31 @@ def test_grid_puts_each_class_on_its_row():
     assert grid.shape == (3 * 4, 2 * 4, 3)
     assert grid[1, 1, 0] == 0 and grid[1, 5, 0] == 30  # class 0: images 0 and 3
     assert grid[9, 1, 0] == 20 and grid[9, 5, 0] == 50  # class 2: images 2 and 5
+
+
+def test_grid_enlarges_images_by_nearest_neighbour():
+    images = np.arange(2 * 2 * 2 * 3, dtype=np.uint8).reshape(2, 2, 2, 3)
+    grid = np.asarray(sample_grid(images, np.array([0, 1]), num_classes=2, per_class=1, scale=3))
+    assert grid.shape == (2 * (6 + 2), 6 + 2, 3)
+    for cls in range(2):
+        cell = grid[cls * 8 + 1 : cls * 8 + 7, 1:7]
+        expected = np.kron(images[cls], np.ones((3, 3, 1), dtype=np.uint8))
+        assert np.array_equal(cell, expected)
+
+
+def test_grid_samples_keep_the_first_images_of_each_class():
+    images = torch.stack([torch.full((2, 2, 3), 10 * i, dtype=torch.uint8) for i in range(6)])
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    kept = GridSamples(num_classes=3, per_class=1)
+    kept(range(0, 4), labels[:4], images[:4])
+    kept(range(4, 6), labels[4:], images[4:])
+    expected = sample_grid(images.numpy(), labels.numpy(), num_classes=3, per_class=1)
+    assert np.array_equal(np.asarray(kept.grid()), np.asarray(expected))
+
+
+def test_npz_of_png_files_holds_them_in_index_order(tmp_path):
+    images = torch.randint(0, 256, (5, 4, 3, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    write_pngs(tmp_path / "pngs", range(5), images)
+    write_npz(tmp_path / "pngs", 5, tmp_path / "images.npz")
+    with np.load(tmp_path / "images.npz") as data:
+        assert data.files == ["arr_0"] and np.array_equal(data["arr_0"], images.numpy())

@@ -36,6 +36,15 @@ def test_the_committed_params_are_valid():
         (("train", "lr"), 0.1, "unknown config keys ['lr']"),
         (("sweep", "interval"), [0.5, 0.2], "sweep.interval=[0.5, 0.2]"),
         (("evaluate", "nproc_per_node"), 0, "evaluate.nproc_per_node=0: must be >= 1"),
+        (("sweep", "search_set"), "train", "sweep.search_set='train': must be one of ['separate', 'reported']"),
+        (("sweep", "wide"), [[0.0, 1.0]],
+         "sweep.wide[0]=[0.0, 1.0]: must be a mapping with exactly the keys norm_order and interval"),
+        (("sweep", "wide"),
+         [{"norm_order": "cfg_first", "interval": [0.1, 1.0]}, {"norm_order": "last", "interval": [0.0, 1.0]}],
+         "sweep.wide[1].norm_order='last': must be one of ['norm_first', 'cfg_first', 'both']"),
+        (("sweep", "wide"), [{"norm_order": "cfg_first", "interval": [0.2, 0.1]}],
+         "sweep.wide[0].interval=[0.2, 0.1]: must be [low, high] with 0 <= low < high <= 1"),
+        (("sweep", "wide_changes_choice"), "no", "sweep.wide_changes_choice='no': must be bool"),
         (("demo_data",), None, "demo_data: expected a mapping"),
     ],
 )
@@ -68,6 +77,10 @@ def test_presets_switch_to_the_imagenet_recipe(tmp_path, monkeypatch, preset, en
     assert train["model"]["encoder"] == encoder and train["max_steps"] == steps
     assert train["global_batch"] == 1024 and train["per_device_batch"] * train["nproc_per_node"] * 2 == 1024
     assert result["evaluate"]["num_images"] == 50000 and result["fid_ref"]["feature_space"] == "inception"
+    reference_wide = [("norm_first", [0.0, 1.0]), ("norm_first", [0.05, 1.0]), ("norm_first", [0.15, 1.0]),
+                      ("norm_first", [0.2, 1.0]), ("cfg_first", [0.1, 1.0])]  # the reference's wider sweep
+    assert [(p["norm_order"], p["interval"]) for p in result["sweep"]["wide"]] == reference_wide
+    assert result["sweep"]["wide_changes_choice"] is False
     text = Path("params.yaml").read_text()
     assert "# Every knob of every stage" in text and "inception_weights: null" in text  # comments and nulls kept
     assert apply_preset(preset, Path("params.yaml")) == []  # applying twice changes nothing

@@ -30,7 +30,7 @@ TINY = {
                                               "final_lr_factor": 0.5}},
     # Blocks of 7 of 20 images: with 2 ranks, rank 0 makes two blocks and rank 1 one.
     "sweep": {"num_images": 20, "max_extra_steps": 1, "solver": "euler", "steps": 3, "block_size": 7,
-              "wide_norm_orders": ["cfg_first"]},
+              "wide": [{"norm_order": "cfg_first", "interval": [0.1, 1.0]}]},
     "evaluate": {"num_images": 20, "solver": "euler", "steps": 3, "block_size": 7, "grid_per_class": 2},
 }
 
@@ -111,7 +111,7 @@ def test_second_repro_runs_nothing(repo):
 
 
 def test_an_evaluation_param_reruns_only_evaluation(repo):
-    repo.set_params({"evaluate": {"seed": 5}})
+    repo.set_params({"evaluate": {"grid_per_class": 3}})  # evaluate.seed would also rerun sweep (search_set)
     result = repo.run("dvc", "repro")
     assert "Running stage 'evaluate'" in result.stdout
     for stage in ["demo_data", "manifest", "shard", "fid_ref", "train", "export", "sweep"]:

@@ -1,8 +1,8 @@
 """Classifier-free guidance search and sweeps, as pure functions over an `evaluate` callback.
 
-`evaluate(scale, interval, norm_order) -> fid` generates the search budget of samples (its own seed,
-separate from the reported evaluation set) and scores them; these functions only decide which
-settings to try, so they are tested on synthetic FID curves.
+`evaluate(scale, interval, norm_order) -> fid` generates the images the search scores (by default
+a budget of its own, separate from the reported evaluation set) and scores them; these functions
+only decide which settings to try, so they are tested on synthetic FID curves.
 """
 
 from __future__ import annotations
@@ -130,6 +130,30 @@ def adaptive_cfg_search(
     return CfgResult(best, points, metric)
 
 
+def cfg_points(
+    evaluate: Evaluate,
+    settings: Sequence[tuple[float, Interval, str]],
+    *,
+    known: Iterable[CfgPoint] = (),
+    metric: str = "fid",
+    stage: str = "sweep",
+) -> CfgResult:
+    """Each (scale, interval, norm order) of `settings`, in the given order; settings already in
+    `known` (e.g. the search's points) are reused, not evaluated again."""
+    if not settings:
+        raise ValueError("sweep: no settings to evaluate")
+    for scale, interval, norm_order in settings:
+        if not scale > 0:
+            raise ValueError(f"sweep scale={scale}: CFG scales must be > 0")
+        _check_setting(interval, norm_order)
+    done = {(p.scale, tuple(p.interval), p.norm_order): p for p in known}
+    points = []
+    for scale, interval, norm_order in settings:
+        key = (scale, tuple(interval), norm_order)
+        points.append(done[key] if key in done else _score(evaluate, scale, interval, norm_order, stage))
+    return CfgResult(min(points, key=lambda p: p.value), points, metric)
+
+
 def cfg_sweep(
     evaluate: Evaluate,
     scales: Sequence[float],
@@ -143,17 +167,24 @@ def cfg_sweep(
     in `known` (e.g. the search's points) are reused, not evaluated again."""
     if not scales or not intervals or not norm_orders:
         raise ValueError(f"sweep: scales={scales}, intervals={intervals}, norm_orders={norm_orders}; none may be empty")
-    for scale in scales:
-        if not scale > 0:
-            raise ValueError(f"sweep scale={scale}: CFG scales must be > 0")
-    for interval in intervals:
-        for norm_order in norm_orders:
-            _check_setting(interval, norm_order)
-    done = {(p.scale, tuple(p.interval), p.norm_order): p for p in known}
-    points = []
-    for norm_order in norm_orders:
-        for interval in intervals:
-            for scale in scales:
-                key = (scale, tuple(interval), norm_order)
-                points.append(done[key] if key in done else _score(evaluate, scale, interval, norm_order, "sweep"))
-    return CfgResult(min(points, key=lambda p: p.value), points, metric)
+    settings = [(s, i, n) for n in norm_orders for i in intervals for s in scales]
+    return cfg_points(evaluate, settings, known=known, metric=metric)
+
+
+def wide_sweep(
+    evaluate: Evaluate,
+    search: CfgResult,
+    settings: Sequence[tuple[str, Interval]],
+    *,
+    may_change_choice: bool = False,
+) -> CfgResult:
+    """The reference's periodic wider sweep: each (norm order, interval) of `settings` at the scale
+    the search chose. Its points are reported after the search's; as in the reference they never
+    change the chosen setting unless `may_change_choice` (then a strictly better point wins)."""
+    wide = cfg_points(evaluate, [(search.chosen.scale, tuple(i), n) for n, i in settings], known=search.points,
+                      metric=search.metric)
+    points = search.points + [p for p in wide.points if p not in search.points]
+    chosen = search.chosen
+    if may_change_choice and wide.chosen.value < chosen.value:
+        chosen = wide.chosen
+    return CfgResult(chosen, points, search.metric)

@@ -3,9 +3,9 @@ space, generation at a guidance setting, and the scores of the result."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -14,7 +14,7 @@ from unite.checkpoint import load_exported
 from unite.data.loaders import shard_loader
 from unite.fid import FeatureSpace, GaussianStats, build_feature_space, evaluate_images
 from unite.distributed import Runtime
-from unite.generate import generate_all
+from unite.generate import generate_in_order
 from unite.model import UNITE
 from unite.sampling import Guidance
 
@@ -49,6 +49,9 @@ def feature_space(
     return build_feature_space(name, inception_weights=inception_weights, device=device)
 
 
+BlockConsumer = Callable[[range, Tensor, Tensor], None]
+
+
 def generate_and_score(
     model: UNITE,
     space: FeatureSpace | None,
@@ -60,20 +63,31 @@ def generate_and_score(
     steps: int,
     block_size: int,
     runtime: Runtime | None = None,
-) -> tuple[dict, Tensor, Tensor] | None:
+    consumers: Sequence[BlockConsumer] = (),
+) -> dict | None:
     """Generate class-balanced images (on every rank of `runtime`) and score them against the
     reference statistics on the main process, which alone needs `space` and `reference`.
 
-    Returns (scores, uint8 images (N, H, W, 3), labels) on the main process, None elsewhere."""
+    The main process scores the blocks in index order as they arrive and passes each one, as
+    (indices, labels, uint8 images (B, H, W, 3)), to every consumer (an npz writer, a grid, a
+    class-consistency count) before dropping it, so memory stays flat in `num_images` and the
+    scores do not depend on the number of ranks. Returns the scores on the main process, None
+    elsewhere."""
     runtime = runtime or Runtime(0, 1, next(model.parameters()).device)
-    generated = generate_all(model, num_images, guidance, runtime, seed=seed, block_size=block_size, solver=solver,
-                             steps=steps)
-    if generated is None:
+    blocks = generate_in_order(model, num_images, guidance, runtime, seed=seed, block_size=block_size,
+                               solver=solver, steps=steps)
+    if not runtime.is_main:
+        for _ in blocks:  # sends this rank's blocks to the main process
+            pass
         return None
-    images, labels = generated
-    batches = (images[i : i + block_size].permute(0, 3, 1, 2) for i in range(0, num_images, block_size))
-    scores = evaluate_images(batches, reference, space, total=num_images, progress=False)
-    return scores, images, labels
+
+    def scored_batches() -> Iterator[Tensor]:
+        for indices, labels, images in blocks:
+            for consume in consumers:
+                consume(indices, labels, images)
+            yield images.permute(0, 3, 1, 2)
+
+    return evaluate_images(scored_batches(), reference, space, total=num_images, progress=False)
 
 
 def reconstruct(

@@ -1,0 +1,104 @@
+"""The sweep and evaluate stages run in a prepared workspace (an export, shards, reference
+statistics, params.yaml): which images the CFG search scores, the wide points, the sample grid."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import save_file
+
+from conftest import perturb_, small_config
+from stages import evaluate as evaluate_stage
+from stages import sweep as sweep_stage
+from unite.data import write_manifest, write_shards
+from unite.demo_data import write_demo_folder
+from unite.fid import PixelFeatures, compute_reference_stats, iter_shard_images
+from unite.model import UNITE
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = {
+    "fid_ref": {"feature_space": "pixel"},
+    "sweep": {"num_images": 20, "seed": 1000, "start_scale": 2.0, "step": 0.5, "max_extra_steps": 0,
+              "solver": "euler", "steps": 2, "block_size": 7,
+              "wide": [{"norm_order": "cfg_first", "interval": [0.1, 1.0]}]},
+    "evaluate": {"num_images": 30, "seed": 5, "solver": "euler", "steps": 3, "block_size": 8, "grid_per_class": 2,
+                 "recon_images": 10},
+}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """What the stages before sweep leave behind, with 16-pixel digits and a small model."""
+    root = tmp_path_factory.mktemp("stages")
+    write_demo_folder(root / "raw", image_size=16)
+    for split in ("train", "val"):
+        write_manifest(root / "raw" / split, root / f"{split}.tsv", progress=False)
+        write_shards(root / "raw" / split, root / f"{split}.tsv", root / "data" / "shards" / split, image_size=16,
+                     shard_size=500, workers=1, progress=False)
+    shards = sorted((root / "data" / "shards" / "train").glob("*.tar"))
+    compute_reference_stats(iter_shard_images(shards), PixelFeatures(8), progress=False).save(root / "data" / "fid_ref.npz")
+    torch.manual_seed(0)
+    cfg = small_config(image_size=16, num_latent_tokens=16)
+    model = UNITE(cfg)
+    perturb_(model)
+    (root / "models").mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(root / "models" / "unite-ema.safetensors"))
+    (root / "models" / "unite-ema.json").write_text(json.dumps({"model_config": cfg.to_dict()}))
+    return root
+
+
+def workspace(prepared: Path, tmp_path: Path, monkeypatch, search_set: str) -> Path:
+    for name in ("data", "models"):
+        (tmp_path / name).symlink_to(prepared / name)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, values in SMALL.items():
+        params[section].update(values)
+    params["sweep"]["search_set"] = search_set
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def run_stages() -> tuple[dict, dict]:
+    sweep_stage.main()
+    evaluate_stage.main()
+    return json.loads(Path("metrics/sweep.json").read_text()), json.loads(Path("metrics/eval.json").read_text())
+
+
+def test_the_reported_search_set_scores_the_images_that_evaluate_reports(prepared, tmp_path, monkeypatch):
+    workspace(prepared, tmp_path, monkeypatch, "reported")
+    sweep, evaluation = run_stages()
+    chosen = sweep["chosen"]
+    assert chosen["stage"] == "search" and chosen["interval"] == [0.1, 1.0] and chosen["norm_order"] == "norm_first"
+    # Same images (evaluate's count, seed and solver) at the chosen setting: the same score, to the bit.
+    assert evaluation["generation"]["fd"] == chosen["frechet_distance"]
+    assert evaluation["generation"]["num_images"] == 30 and evaluation["generation"]["cfg_scale"] == chosen["scale"]
+    with np.load("samples/images.npz") as data:
+        assert data["arr_0"].shape == (30, 16, 16, 3)
+
+
+def test_the_separate_search_set_has_its_own_images_and_reports_wide_points(prepared, tmp_path, monkeypatch):
+    """Also: the grid shows the 16-pixel digits enlarged 4x (nearest neighbour), at 64 pixels."""
+    workspace(prepared, tmp_path, monkeypatch, "separate")
+    sweep, evaluation = run_stages()
+    assert [(p["scale"], p["norm_order"], p["stage"]) for p in sweep["points"]] == [
+        (2.0, "norm_first", "search"), (1.5, "norm_first", "search"), (sweep["chosen"]["scale"], "cfg_first", "sweep")]
+    assert sweep["chosen"]["stage"] == "search"
+    assert evaluation["generation"]["fd"] != sweep["chosen"]["frechet_distance"]
+    rows = Path("metrics/sweep.tsv").read_text().splitlines()
+    assert rows[0].split("\t") == ["index", "stage", "cfg_scale", "interval_low", "interval_high", "norm_order",
+                                   "frechet_distance"]
+    assert len(rows) == 4
+    with np.load("samples/images.npz") as data:
+        images = data["arr_0"]
+    grid = np.asarray(Image.open("samples/grid.png"))
+    assert grid.shape == (10 * (64 + 2), 2 * (64 + 2), 3)
+    # Class 3's second sample is image 13 (labels are tiled over the 10 classes).
+    cell = grid[3 * 66 + 1 : 3 * 66 + 65, 66 + 1 : 66 + 65]
+    assert np.array_equal(cell, np.kron(images[13], np.ones((4, 4, 1), dtype=np.uint8)))
