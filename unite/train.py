@@ -727,7 +727,7 @@ def _train(cfg: TrainConfig, runtime: Runtime, data: BatchSource | Iterable | No
         else:
             position, reread = carry_position(state["data_position"], saved_world, world, cfg.per_device_batch)
             seed_everything(rank_seed(cfg.seed, rank, resumed_at=step))
-        del state
+        del state, found  # the checkpoint's tensors are in the engine now
     if runtime.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
