@@ -1,7 +1,10 @@
 """Stage train: joint UNITE training under torchrun; resumes from checkpoints/ after a kill.
 
 Checkpoints go to checkpoints/<hash of the training params>, so a changed recipe starts afresh
-while a rerun of the same recipe resumes. The final checkpoint is linked to models/final.pt.
+while a rerun of the same recipe resumes, also on another number of processes. The final
+checkpoint is linked to models/final.pt. metrics/train.{tsv,json} are put back from the
+checkpoint folder when the stage starts (DVC deletes them before running it) and kept current by
+the trainer at every log interval.
 """
 
 import hashlib
@@ -18,16 +21,29 @@ from unite.train import RESUME_MAY_CHANGE, Preempted, train
 
 CHECKPOINTS = Path("checkpoints")
 FINAL = Path("models/final.pt")
-METRICS_JSON = Path("metrics/train.json")
-METRICS_TSV = Path("metrics/train.tsv")
+METRICS = Path("metrics/train")  # the stem of the train.tsv and train.json that dvc.yaml declares
+UNKEYED = RESUME_MAY_CHANGE | {"nproc_per_node", "num_workers"}
 
 
 def run_directory(section: dict, shard_index: Path) -> Path:
     """checkpoints/<hash>: the hash covers the training data and every param that a resume must
-    match, so new data or a new recipe starts afresh."""
-    keyed = {k: v for k, v in section.items() if k not in RESUME_MAY_CHANGE and k != "num_workers"}
+    match, so new data or a new recipe starts afresh; the number of processes is not among them."""
+    keyed = {k: v for k, v in section.items() if k not in UNKEYED}
     digest = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode() + shard_index.read_bytes())
     return CHECKPOINTS / digest.hexdigest()[:12]
+
+
+def restore_metrics(out_dir: Path) -> None:
+    """Copy the run's metrics log to the declared outputs before training starts, so that a run
+    failing early still leaves the last good training metrics (rows logged after the last
+    checkpoint are dropped again when training resumes)."""
+    for suffix in (".tsv", ".json"):
+        source, target = out_dir / f"metrics{suffix}", METRICS.with_name(METRICS.name + suffix)
+        if source.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            temporary = target.with_name(f".{target.name}.tmp")
+            shutil.copyfile(source, temporary)
+            os.replace(temporary, target)
 
 
 def main() -> None:
@@ -39,12 +55,15 @@ def main() -> None:
         "options": {"shard_dir": str(SHARDS / "train"), "num_workers": section["num_workers"],
                     "flip": section["hflip"]},
     }
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    if is_main:
+        restore_metrics(out_dir)
     try:
-        result = train(train_config(section, str(out_dir), data))
+        result = train(train_config({**section, "live_metrics": str(METRICS)}, str(out_dir), data))
     except Preempted as stopped:  # the checkpoint is written; `dvc repro` resumes from it
         print(stopped, file=sys.stderr)
         sys.exit(128 + stopped.signum)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not is_main:
         return
     final = result.checkpoint or latest_checkpoint(out_dir / "checkpoints")
     FINAL.parent.mkdir(exist_ok=True)
@@ -53,9 +72,6 @@ def main() -> None:
         os.link(final, FINAL)  # no second copy of a large checkpoint where the filesystem allows
     except OSError:
         shutil.copy2(final, FINAL)
-    METRICS_JSON.parent.mkdir(exist_ok=True)
-    shutil.copy2(out_dir / "metrics.json", METRICS_JSON)
-    shutil.copy2(out_dir / "metrics.tsv", METRICS_TSV)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import yaml
 from test_train import one_thread  # noqa: F401  (autouse fixture: one intra-op thread here too)
 from test_train import assert_same_training_state, child_env, train_config, train_values
 from unite.checkpoint import (
+    CheckpointError,
     capture_rng_state,
     exclusive_folder,
     export_ema,
@@ -27,6 +28,7 @@ from unite.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     load_exported,
+    load_newest_readable,
     main,
     restore_rng_state,
     save_checkpoint,
@@ -60,6 +62,31 @@ def test_load_errors(tmp_path: Path) -> None:
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ValueError, match="cannot be read .* may be corrupt"):
         load_checkpoint(path)
+
+
+def test_unreadable_checkpoints_are_set_aside_newest_first(tmp_path: Path) -> None:
+    for step in (1, 2, 3):
+        save_checkpoint({"step": step}, tmp_path, step, keep_last=3)
+    (tmp_path / "step_00000003.pt").write_bytes(b"cut short")
+    (tmp_path / "step_00000002.pt.unreadable").write_bytes(b"set aside by an earlier run")
+    warnings: list[str] = []
+    path, state = load_newest_readable(tmp_path, warnings.append)
+    assert path.name == "step_00000002.pt" and state == {"step": 2}
+    assert len(warnings) == 1 and "step_00000003.pt.unreadable" in warnings[0]
+    assert (tmp_path / "step_00000003.pt.unreadable").read_bytes() == b"cut short"
+    # Pruning after the next save leaves set-aside files alone.
+    save_checkpoint({"step": 4}, tmp_path, 4, keep_last=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "step_00000002.pt.unreadable", "step_00000003.pt.unreadable", "step_00000004.pt"]
+
+    # A name already taken by an earlier set-aside file gets a number; nothing is overwritten.
+    (tmp_path / "step_00000002.pt").write_bytes(b"")
+    (tmp_path / "step_00000004.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"none of the 2 checkpoints in .* can be read"):
+        load_newest_readable(tmp_path, warnings.append)
+    assert (tmp_path / "step_00000002.pt.unreadable").read_bytes() == b"set aside by an earlier run"
+    assert (tmp_path / "step_00000002.pt.unreadable.1").read_bytes() == b""
+    assert load_newest_readable(tmp_path / "absent", warnings.append) is None
 
 
 def test_rng_state_round_trip_through_a_file(tmp_path: Path) -> None:

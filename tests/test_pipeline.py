@@ -1,6 +1,7 @@
 """The real DVC pipeline on the demo, shrunk to a handful of steps and samples, in a temporary copy
 of the repository: a full `dvc repro`, a no-op rerun, an evaluation-only change, a SIGKILL of the
-train stage followed by a resuming rerun, and a corrupt source image."""
+train stage followed by a resuming rerun (training metrics readable mid-run, no row lost or repeated),
+a failed train run followed by a good one, and a corrupt source image."""
 
 from __future__ import annotations
 
@@ -64,6 +65,11 @@ class Repo:
 
     def metrics(self, name: str) -> dict:
         return json.loads((self.path / "metrics" / f"{name}.json").read_text())
+
+    def logged_steps(self) -> list[int]:
+        lines = (self.path / "metrics" / "train.tsv").read_text().splitlines()
+        assert lines[0].startswith("step\t")
+        return [int(line.split("\t")[0]) for line in lines[1:]]
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +157,10 @@ def test_a_killed_train_stage_resumes(repo, tmp_path):
     while time.monotonic() < deadline and latest_step() < 6:
         assert process.poll() is None, first_log.read_text()
         time.sleep(0.05)
+    # Mid-run, the declared metrics file holds every row so far (one per 2 steps, from step 2 of
+    # the first repro's run, which this one continues).
+    mid_run = repo.logged_steps()
+    assert mid_run == list(range(2, mid_run[-1] + 1, 2)) and mid_run[-1] >= 6, mid_run
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     deadline = time.monotonic() + 120  # the orphaned worker finishes its step and says so
@@ -166,6 +176,25 @@ def test_a_killed_train_stage_resumes(repo, tmp_path):
     assert resumed and int(resumed.group(1)) == stopped_step, log
     assert repo.metrics("train")["step"] == stopped_step + 4
     assert "Running stage 'evaluate'" in result.stdout
+    # Every second step and the steps each run stopped at, once each.
+    expected = sorted(set(range(2, stopped_step + 5, 2)) | {stopped_step, stopped_step + 4})
+    assert repo.logged_steps() == expected
+
+
+def test_a_failed_train_run_leaves_the_training_metrics_to_the_next(repo):
+    """DVC deletes the train stage's declared metrics before running it; a good run after a
+    failed one puts them back complete from the checkpoint folder."""
+    tsv = repo.path / "metrics" / "train.tsv"
+    before, before_json = tsv.read_text(), repo.metrics("train")
+    good_batch = yaml.safe_load((repo.path / "params.yaml").read_text())["train"]["global_batch"]
+    repo.set_params({"train": {"global_batch": 100}})
+    failed = repo.run("dvc", "repro", "train", check=False)
+    assert failed.returncode != 0 and "global_batch=100" in failed.stdout + failed.stderr
+    repo.set_params({"train": {"global_batch": good_batch}})
+    result = repo.run("dvc", "repro")
+    assert "Running stage 'train'" in result.stdout
+    assert tsv.read_text() == before
+    assert repo.metrics("train") == before_json
 
 
 def test_a_corrupt_source_image_is_reported_and_the_pipeline_finishes(repo):

@@ -423,3 +423,97 @@ def test_a_sighup_ignored_by_nohup_stays_ignored() -> None:
         assert stop.received is None
     finally:
         signal.signal(signal.SIGHUP, previous)
+
+
+# ------------------------------------------------------------------------------ live metrics, unreadable checkpoints
+def read_rows(tsv: Path) -> list[dict[str, str]]:
+    lines = tsv.read_text().splitlines()
+    return [dict(zip(lines[0].split("\t"), line.split("\t"))) for line in lines[1:]]
+
+
+def without_speed(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    return [{k: v for k, v in row.items() if k != "images_per_s"} for row in rows]
+
+
+def test_metrics_are_current_mid_run_and_a_resume_neither_repeats_nor_loses_rows(tmp_path: Path) -> None:
+    """A training process killed outright (SIGKILL: no last checkpoint) has written one complete
+    row per step so far to the live files; the rerun resumes from the checkpoint of step 3, logs
+    the steps after it again, and ends with exactly the rows of an uninterrupted run."""
+    out, live = tmp_path / "run", tmp_path / "live" / "train"
+    train(train_config(out, max_steps=3, live_metrics=str(live)))
+    # Resumed in a child process, which checkpoints no more before it is killed.
+    values = train_values(out, max_steps=1000, checkpoint_every=1000, live_metrics=str(live))
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(values))
+    child = subprocess.Popen([sys.executable, "-m", "unite.train", str(tmp_path / "c.yaml")], env=child_env(),
+                             stderr=subprocess.PIPE, text=True)
+    tsv = live.with_name("train.tsv")
+    deadline = time.monotonic() + 120
+    while not (tsv.is_file() and len(read_rows(tsv)) >= 5):
+        assert child.poll() is None and time.monotonic() < deadline, "training did not log 5 rows"
+        time.sleep(0.02)
+    child.kill()
+    child.communicate(timeout=60)
+    mid_run = read_rows(tsv)
+    logged = len(mid_run)
+    assert [int(row["step"]) for row in mid_run] == list(range(1, logged + 1))
+    assert all(len(row) == len(mid_run[0]) and "" not in row.values() for row in mid_run)
+    # The json follows the tsv; a kill between the two writes leaves it one row behind.
+    latest = json.loads(live.with_name("train.json").read_text())
+    assert latest["step"] in (logged - 1, logged) and latest["max_steps"] == 1000
+    assert latest["loss"] == pytest.approx(float(mid_run[latest["step"] - 1]["loss"]), rel=1e-5)
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_00000003.pt"]
+
+    end = logged + 2
+    train(train_config(out, max_steps=end, live_metrics=str(live)))
+    train(train_config(tmp_path / "straight", max_steps=end))
+    resumed = read_rows(tsv)
+    assert [int(row["step"]) for row in resumed] == list(range(1, end + 1))
+    assert resumed[:3] == mid_run[:3]  # kept as written; the rows after step 3 were logged again
+    assert without_speed(resumed) == without_speed(read_rows(tmp_path / "straight" / "metrics.tsv"))
+    assert tsv.read_text() == (out / "metrics.tsv").read_text()
+    assert json.loads(live.with_name("train.json").read_text())["step"] == end
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_an_unreadable_latest_checkpoint_is_set_aside_and_the_one_before_resumes(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "run"
+    train(train_config(out, max_steps=4, checkpoint_every=2))
+    latest = out / "checkpoints" / "step_00000004.pt"
+    truncate(latest)
+    truncated = latest.read_bytes()
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(train_values(out, max_steps=4, checkpoint_every=2)))
+    capsys.readouterr()
+    assert main([str(tmp_path / "c.yaml")]) == 0
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "step_00000004.pt cannot be read" in warnings[0]
+    assert "moved it aside to step_00000004.pt.unreadable" in warnings[0]
+    assert f"resuming from {out / 'checkpoints' / 'step_00000002.pt'} at step 2" in err
+    # Set aside, not deleted; the rerun of steps 3-4 ends where an uninterrupted run ends.
+    assert (out / "checkpoints" / "step_00000004.pt.unreadable").read_bytes() == truncated
+    straight = train(train_config(tmp_path / "straight", max_steps=4))
+    assert_same_training_state(straight.checkpoint, latest)
+
+
+def test_no_readable_checkpoint_stops_with_one_line(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    train(train_config(out, max_steps=4, checkpoint_every=2))
+    for path in list_checkpoints(out / "checkpoints"):
+        truncate(path)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(train_values(out, max_steps=6)))
+    done = subprocess.run([sys.executable, "-m", "unite.train", str(tmp_path / "c.yaml")], env=child_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if "warning" not in line]
+    assert errors == [f"unite.train: none of the 2 checkpoints in {out / 'checkpoints'} can be read (moved aside "
+                      "as *.unreadable); restore a good step_*.pt there to resume, or remove the folder to start "
+                      "afresh"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "step_00000002.pt.unreadable", "step_00000004.pt.unreadable"]

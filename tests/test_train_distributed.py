@@ -1,5 +1,6 @@
 """Training with two gloo processes: exact resume (a torchrun launch of the CLI, resumed by
-`train()` in two spawned processes) and gradient accumulation that all-reduces once per step.
+`train()` in two spawned processes), resume on another number of processes (2 -> 1, 1 -> 2) and
+gradient accumulation that all-reduces once per step.
 
 One torchrun launch and one spawn of two workers serve all tests (process start-up dominates)."""
 
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,8 +20,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 
-from test_train import assert_same_training_state, child_env, train_config, train_values
-from unite.checkpoint import latest_checkpoint, load_checkpoint
+from test_train import (
+    assert_same_training_state,
+    child_env,
+    metric_rows,
+    train_config,
+    train_values,
+    without_speed,
+)
+from unite.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from unite.distributed import Runtime
 from unite.model import UNITE
 from unite.train import (
@@ -27,6 +36,7 @@ from unite.train import (
     Engine,
     TensorBatches,
     build_schedule,
+    main,
     micro_batches,
     synthetic_images,
     train,
@@ -34,6 +44,14 @@ from unite.train import (
 
 # 2 processes x 2 images x 2 micro-batches = the global batch of 8 of the single-process tests.
 TWO_RANKS = {"per_device_batch": 2}
+
+# Resume on another world size: micro-batches of 4, a global batch of 8 (one micro-batch per
+# step on 2 ranks, two on 1), epochs of 24 images, and the UNITE-B preset, whose schedule in
+# steps depends on the world size: warmup over 20 epochs of ceil(24 / (4 x world)) micro-batches.
+RESIZED = {"per_device_batch": 4, "data": {"kind": "synthetic", "num_images": 24},
+           "schedule": {"preset": "unite_b", "images_per_epoch": 24}}
+SCHEDULE_STEPS = {1: {"warmup_steps": 120, "hold_until_step": 180, "decay_until_step": 300, "final_lr_factor": 0.5},
+                  2: {"warmup_steps": 60, "hold_until_step": 90, "decay_until_step": 150, "final_lr_factor": 0.5}}
 
 
 def _free_port() -> int:
@@ -56,6 +74,15 @@ def _worker(rank: int, ports: list[int], root: str) -> None:
     train(train_config(root_path / "straight", **TWO_RANKS))
     _use_group(rank, ports[1])
     train(train_config(root_path / "resumed", **TWO_RANKS))
+
+    # World-size changes: 4 steps on 2 ranks (resumed on 1 by the test), the 4-step run of one
+    # process resumed on 2 ranks to 8, and 8 steps straight on 2 ranks.
+    _use_group(rank, ports[3])
+    train(train_config(root_path / "two-then-one", max_steps=4, **RESIZED))
+    _use_group(rank, ports[4])
+    train(train_config(root_path / "one-then-two", max_steps=8, **RESIZED))
+    _use_group(rank, ports[5])
+    train(train_config(root_path / "two-straight", max_steps=8, **RESIZED))
 
     # Accumulation: 2 ranks x 2 images x 3 micro-batches = 12 images per optimizer step.
     _use_group(rank, ports[2])
@@ -97,7 +124,8 @@ def two_process_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     done = subprocess.run(command, env=child_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     assert "done at step 2" in done.stderr
-    mp.spawn(_worker, args=([_free_port() for _ in range(3)], str(root)), nprocs=2)
+    train(train_config(root / "one-then-two", max_steps=4, **RESIZED))
+    mp.spawn(_worker, args=([_free_port() for _ in range(6)], str(root)), nprocs=2)
     return root
 
 
@@ -123,3 +151,60 @@ def test_accumulation_all_reduces_once_per_step(two_process_runs: Path) -> None:
         assert report["hook_calls"] == [0, 0]
         # The ranks drew different noise yet hold the same weights after the synchronised steps.
         assert report["same_weights"]
+
+
+def assert_resized_run(out_dir: Path, first_world: int, straight_dirs: list[Path]) -> None:
+    """8 steps of 8 images, the first 4 on `first_world` processes and the rest on the other
+    number, continue like an uninterrupted run on either."""
+    last = load_checkpoint(latest_checkpoint(out_dir / "checkpoints"))
+    world = 3 - first_world
+    assert last["step"] == 8 and last["config"]["world_size"] == world
+    # 64 images are 2 epochs of 24 and 16 images into the third, on any number of processes.
+    position = last["data_position"]
+    assert position["epoch"] == 2 and position["batch"] * 4 * world == 16
+    # The schedule in steps is the first part's; the lr column follows it through the resume.
+    assert last["config"]["lr_schedule_steps"] == SCHEDULE_STEPS[first_world]
+    rows = metric_rows(out_dir)
+    assert [int(row["step"]) for row in rows] == list(range(1, 9))
+    warmup = SCHEDULE_STEPS[first_world]["warmup_steps"]
+    for row in rows:
+        assert float(row["lr"]) == pytest.approx(1e-3 * 8 / 384 * (int(row["step"]) - 1) / warmup, rel=1e-5)
+    # The loss carries on down the curve: after the resume it is nearer the uninterrupted runs'
+    # loss over the same steps than their loss over the first steps, where a restart would be.
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    resumed = mean([float(row["loss"]) for row in rows[4:]])
+    for straight in straight_dirs:
+        reference = [float(row["loss"]) for row in metric_rows(straight)]
+        assert abs(resumed - mean(reference[4:])) < abs(resumed - mean(reference[:4])), (resumed, reference)
+
+
+def test_resume_on_one_process_continues_a_two_process_run(
+    two_process_runs: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    for name in ("a", "b"):
+        shutil.copytree(two_process_runs / "two-then-one", tmp_path / name)
+    config = tmp_path / "a.yaml"
+    config.write_text(yaml.safe_dump(train_values(tmp_path / "a", max_steps=8, **RESIZED)))
+    assert main([str(config)]) == 0
+    err = capsys.readouterr().err
+    assert "resuming from" in err and "at step 4; 1 process(es), 2 micro-batch(es) of 4 per step" in err
+    assert ("the checkpoint was written by 2 process(es), this run has 1: global batch 8, learning-rate schedule "
+            "and data position (epoch 1, 8 images in) carry over") in err
+    assert "not bit for bit (that holds for the same number of processes only)" in err
+    # The new rank's random state is derived from (seed, rank, step): a second resume of the same
+    # checkpoint ends bit for bit where the first did.
+    train(train_config(tmp_path / "b", max_steps=8, **RESIZED))
+    assert_same_training_state(latest_checkpoint(tmp_path / "a" / "checkpoints"),
+                               latest_checkpoint(tmp_path / "b" / "checkpoints"))
+    train(train_config(tmp_path / "one-straight", max_steps=8, **RESIZED))
+    assert_resized_run(tmp_path / "a", 2, [tmp_path / "one-straight", two_process_runs / "two-straight"])
+    first_part = without_speed(metric_rows(two_process_runs / "two-then-one"))
+    assert without_speed(metric_rows(tmp_path / "a"))[:4] == first_part
+
+
+def test_resume_on_two_processes_continues_a_one_process_run(two_process_runs: Path, tmp_path: Path) -> None:
+    train(train_config(tmp_path / "one-straight", max_steps=8, **RESIZED))
+    straight = [tmp_path / "one-straight", two_process_runs / "two-straight"]
+    assert_resized_run(two_process_runs / "one-then-two", 1, straight)
+    assert [p.name for p in list_checkpoints(two_process_runs / "one-then-two" / "checkpoints")] == [
+        "step_00000004.pt", "step_00000008.pt"]

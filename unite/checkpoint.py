@@ -2,7 +2,9 @@
 
 A checkpoint is `<dir>/step_<step>.pt`. It is written to a temporary name in the same folder,
 synced to disk and renamed, so a crash mid-write leaves at most a `*.tmp` file, which
-`latest_checkpoint` never picks and the next save removes.
+`latest_checkpoint` never picks and the next save removes. A checkpoint that cannot be read
+anyway (a disk fault, a copy cut short) is renamed `*.pt.unreadable` by `load_newest_readable`,
+which resumes from the one before it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import random
 import re
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,11 @@ from unite.safe_load import UntrustedPickleError, load_torch_file, trust_pickle_
 
 _NAME = re.compile(r"^step_(\d+)\.pt$")
 _TMP_SUFFIX = ".tmp"
+UNREADABLE_SUFFIX = ".unreadable"
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint of a folder can be read, so training cannot resume from it."""
 
 
 def checkpoint_path(directory: str | Path, step: int) -> Path:
@@ -137,6 +144,45 @@ def load_checkpoint(path: str | Path, trust_pickle: bool | None = None) -> dict[
         raise
     except Exception as error:
         raise ValueError(f"checkpoint {path} cannot be read ({error}); it may be corrupt") from error
+
+
+def set_aside(path: Path) -> Path:
+    """Rename an unreadable checkpoint to `<name>.unreadable` (`.unreadable.1`, ... when taken):
+    out of `list_checkpoints` and keep-last pruning, yet kept for inspection."""
+    target = path.with_name(path.name + UNREADABLE_SUFFIX)
+    count = 0
+    while target.exists():
+        count += 1
+        target = path.with_name(f"{path.name}{UNREADABLE_SUFFIX}.{count}")
+    os.replace(path, target)
+    return target
+
+
+def load_newest_readable(
+    directory: str | Path, warn: Callable[[str], None]
+) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint of `directory` that loads, with its contents; None when the folder
+    holds no checkpoint. Each newer one that fails to load is set aside, with one `warn` line.
+    Raises CheckpointError when none loads."""
+    found = list_checkpoints(directory)
+    moved = []
+    for path in reversed(found):
+        try:
+            return path, load_checkpoint(path)
+        except ValueError as error:
+            moved.append(set_aside(path))
+            warn(f"{_first_line(error)}; moved it aside to {moved[-1].name} and trying the one before it")
+    if not found:
+        return None
+    raise CheckpointError(
+        f"none of the {len(found)} checkpoints in {directory} can be read (moved aside as *{UNREADABLE_SUFFIX}); "
+        f"restore a good step_*.pt there to resume, or remove the folder to start afresh"
+    )
+
+
+def _first_line(error: Exception) -> str:
+    """Errors from torch.load can run over many lines; a warning keeps one."""
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def capture_rng_state() -> dict[str, Any]:

@@ -8,13 +8,20 @@
 Each optimizer step runs `global_batch / (per_device_batch * world_size)` micro-batches per
 rank (gradients are all-reduced on the last one only), clips the total gradient norm, steps
 Muon and AdamW and updates the EMA. Outputs in `out_dir`: `checkpoints/step_*.pt`,
-`metrics.tsv` (one row per log interval) and `metrics.json` (the latest row).
+`metrics.tsv` (one row per log interval) and `metrics.json` (the latest row), both rewritten
+atomically at every row, and mirrored to `<live_metrics>.tsv/.json` when that key is set.
 
 Exact resume: a checkpoint holds the model, EMA, optimizers, schedulers, every rank's random
 states and the data position (epoch, micro-batches consumed in it). The batch source must give
 the same batches for the same (epoch, skip), e.g. by seeding its shuffle and augmentation from
 (seed, epoch); the trainer keeps it from moving the global generators. A resumed run then
 continues bit for bit.
+
+Resume on another number of processes: the run keeps its optimizer step, global batch (the
+accumulation is recomputed), learning-rate schedule in steps, and data position as the images
+consumed in the epoch; each rank's random state is derived from (seed, rank, step). Such a run
+continues the same training, but not bit for bit: that holds for the same world size only.
+A checkpoint that cannot be read is set aside (`*.pt.unreadable`) and the one before it used.
 """
 
 from __future__ import annotations
@@ -52,6 +59,8 @@ from unite.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     restore_rng_state,
+    CheckpointError,
+    load_newest_readable,
     save_checkpoint,
 )
 from unite.config import ConfigError, ModelConfig, model_config
@@ -75,10 +84,11 @@ UNUSED_PARAMETERS = ("encoder.time_embed.special_time_emb",)
 LOSS_PARTS = ("loss", "recon", "l1", "lpips", "flow")
 METRIC_COLUMNS = ("step", "epoch", *LOSS_PARTS, "lr", "grad_norm", "images_per_s", "skipped_steps")
 
-# Keys that may differ between a checkpoint's config and the config that resumes it.
+# Keys that may differ between a checkpoint's config and the config that resumes it. A resume
+# on another world size keeps the checkpoint's schedule in steps (`lr_schedule_steps`).
 RESUME_MAY_CHANGE = frozenset(
     {"out_dir", "max_steps", "log_every", "checkpoint_every", "keep_last", "max_nonfinite",
-     "resume", "progress", "compile_decoder"}
+     "resume", "progress", "compile_decoder", "live_metrics", "world_size", "lr_schedule_steps"}
 )
 
 
@@ -113,6 +123,7 @@ class TrainConfig:
     max_nonfinite: int = 10  # consecutive skipped steps (non-finite loss or grad norm) before stopping
     resume: str = "auto"  # auto: latest checkpoint in out_dir if any; or a checkpoint file or folder
     progress: bool = True
+    live_metrics: str = ""  # path stem: also keep <stem>.tsv and <stem>.json current ("": only out_dir's)
     initial_cfg_scale: float = 3.4  # the adaptive CFG search's starting point, kept in checkpoints
 
     def to_dict(self) -> dict[str, Any]:
@@ -331,6 +342,15 @@ class DataPosition:
     batch: int = 0  # micro-batches of `epoch` this rank has consumed
 
 
+def carry_position(saved: dict[str, int], saved_world: int, world: int, batch_size: int) -> tuple[DataPosition, int]:
+    """A checkpoint's data position for `world` ranks: the images consumed in the epoch
+    (micro-batches x batch_size x saved_world) in whole micro-batch rounds of the new world size,
+    and how many of those images are read again because they do not fill a round."""
+    images = saved["batch"] * batch_size * saved_world
+    batch, reread = divmod(images, batch_size * world)
+    return DataPosition(saved["epoch"], batch), reread
+
+
 def micro_batches(
     source: BatchSource, position: DataPosition, batch_size: int
 ) -> Iterator[tuple[Tensor, Tensor]]:
@@ -377,9 +397,12 @@ def global_rng_untouched() -> Iterator[None]:
 
 
 # ------------------------------------------------------------------------------ processes
-def rank_seed(seed: int, rank: int) -> int:
-    """A distinct, reproducible training seed per rank (noise draws differ across ranks)."""
-    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+def rank_seed(seed: int, rank: int, resumed_at: int | None = None) -> int:
+    """A distinct, reproducible training seed per rank (noise draws differ across ranks). A run
+    resumed on another world size at step `resumed_at` cannot reuse the saved per-rank states,
+    so its ranks draw from (seed, rank, step) instead."""
+    entropy = [seed, rank] if resumed_at is None else [seed, rank, resumed_at]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
 def seed_everything(seed: int) -> None:
@@ -535,14 +558,19 @@ class Engine:
 
 
 # ------------------------------------------------------------------------------ resume
-def resolve_resume(cfg: TrainConfig, checkpoint_dir: Path) -> Path | None:
-    """The checkpoint to resume from: `resume: auto` takes the latest in out_dir (None: fresh
-    start); a file or folder given explicitly must exist and hold a checkpoint."""
+def resolve_resume(cfg: TrainConfig, checkpoint_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint to resume from and its contents: `resume: auto` takes the newest readable
+    one in out_dir (None: fresh start); a file or folder given explicitly must exist and hold a
+    checkpoint. In a folder, newer checkpoints that cannot be read are set aside with a warning."""
+
+    def warn(line: str) -> None:
+        print(f"unite.train: warning: {line}", file=sys.stderr)
+
     if cfg.resume == "auto":
-        return latest_checkpoint(checkpoint_dir)
+        return load_newest_readable(checkpoint_dir, warn)
     path = Path(cfg.resume)
     if path.is_dir():
-        found = latest_checkpoint(path)
+        found = load_newest_readable(path, warn)
         if found is None:
             raise FileNotFoundError(
                 f"resume={cfg.resume!r}: the folder holds no complete checkpoint (step_*.pt)"
@@ -550,7 +578,10 @@ def resolve_resume(cfg: TrainConfig, checkpoint_dir: Path) -> Path | None:
         return found
     if not path.is_file():
         raise FileNotFoundError(f"resume={cfg.resume!r}: no such checkpoint file or folder")
-    return path
+    try:
+        return path, load_checkpoint(path)
+    except ValueError as error:
+        raise CheckpointError(f"resume={cfg.resume!r}: {error}") from None
 
 
 def check_resume_config(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
@@ -569,21 +600,52 @@ def check_resume_config(saved: dict[str, Any], current: dict[str, Any], path: Pa
 
 # ------------------------------------------------------------------------------ metrics
 class MetricsLog:
-    """Rows of METRIC_COLUMNS in `metrics.tsv` (for `dvc plots`) and the latest in `metrics.json`.
-    A resumed run drops rows past its starting step (logged after that checkpoint)."""
+    """Rows of METRIC_COLUMNS in `metrics.tsv` (for `dvc plots`) and the latest row plus
+    `max_steps` in `metrics.json` (for `dvc metrics` and progress displays), in `out_dir` and at
+    the `live` stem. Every row rewrites the files atomically, so a reader never sees half a row.
+    A resumed run keeps the rows up to its starting step and drops later ones (logged after
+    that checkpoint, to be logged again), so no row is lost or repeated."""
 
-    def __init__(self, out_dir: Path, start_step: int):
-        self.tsv, self.json = out_dir / "metrics.tsv", out_dir / "metrics.json"
-        rows = []
-        if start_step > 0 and self.tsv.is_file():
-            lines = self.tsv.read_text().splitlines()[1:]
-            rows = [line for line in lines if int(line.split("\t")[0]) <= start_step]
-        self.tsv.write_text("\n".join(["\t".join(METRIC_COLUMNS), *rows]) + "\n")
+    def __init__(self, out_dir: Path, start_step: int, max_steps: int, live: str = ""):
+        self.stems = [out_dir / "metrics", *([Path(live)] if live else [])]
+        self.max_steps = max_steps
+        tsv, latest_json = out_dir / "metrics.tsv", out_dir / "metrics.json"
+        self.rows: list[str] = []
+        if start_step > 0 and tsv.is_file():
+            lines = tsv.read_text().splitlines()[1:]
+            self.rows = [line for line in lines if int(line.split("\t")[0]) <= start_step]
+        self.latest: dict[str, Any] | None = None
+        if self.rows:
+            saved = json.loads(latest_json.read_text()) if latest_json.is_file() else {}
+            logged_step = int(self.rows[-1].split("\t")[0])
+            self.latest = saved if saved.get("step") == logged_step else _parse_row(self.rows[-1])
+        self._publish()
 
     def write(self, row: dict[str, float]) -> None:
-        with open(self.tsv, "a") as handle:
-            handle.write("\t".join(_format(row[c]) for c in METRIC_COLUMNS) + "\n")
-        self.json.write_text(json.dumps(row, indent=2) + "\n")
+        self.rows.append("\t".join(_format(row[c]) for c in METRIC_COLUMNS))
+        self.latest = dict(row)
+        self._publish()
+
+    def _publish(self) -> None:
+        table = "\n".join(["\t".join(METRIC_COLUMNS), *self.rows]) + "\n"
+        latest = None if self.latest is None else {**self.latest, "max_steps": self.max_steps}
+        for stem in self.stems:
+            stem.parent.mkdir(parents=True, exist_ok=True)
+            _replace_text(stem.with_name(stem.name + ".tsv"), table)
+            if latest is not None:
+                _replace_text(stem.with_name(stem.name + ".json"), json.dumps(latest, indent=2) + "\n")
+
+
+def _replace_text(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def _parse_row(line: str) -> dict[str, float]:
+    """A tsv row back as numbers (the json of a row that a killed run overwrote)."""
+    values = dict(zip(METRIC_COLUMNS, line.split("\t")))
+    return {k: int(v) if k in ("step", "epoch", "skipped_steps") else float(v) for k, v in values.items()}
 
 
 def _format(value: float) -> str:
@@ -620,8 +682,9 @@ def train(cfg: TrainConfig, data: BatchSource | Iterable[tuple[Tensor, Tensor]] 
     """Train until `cfg.max_steps` optimizer steps, resuming from a checkpoint when there is one.
 
     `data` defaults to the config's `data:` section. Raises Preempted after SIGTERM/SIGINT/SIGHUP
-    (checkpoint written), NonFiniteLossError after `max_nonfinite` skipped steps in a row, and
-    TimeoutError when another run keeps the checkpoint folder locked."""
+    (checkpoint written), NonFiniteLossError after `max_nonfinite` skipped steps in a row,
+    CheckpointError when no checkpoint to resume from can be read, and TimeoutError when another
+    run keeps the checkpoint folder locked."""
     owns_group = not dist.is_initialized()
     runtime = init_runtime(cfg.device)
     try:
@@ -645,35 +708,55 @@ def _train(cfg: TrainConfig, runtime: Runtime, data: BatchSource | Iterable | No
     allow_tf32(cfg.tf32, runtime.device)
     out_dir = Path(cfg.out_dir)
     checkpoint_dir = out_dir / "checkpoints"
-    schedule = build_schedule(cfg.schedule, cfg.per_device_batch, world)
-    resolved = {**cfg.to_dict(), "world_size": world, "lr_schedule_steps": dataclasses.asdict(schedule)}
-    source = build_batch_source(cfg, rank, world) if data is None else as_batch_source(data)
-
-    # Rank 0 picks the checkpoint so that every rank resumes from the same one.
-    resume_from = [resolve_resume(cfg, checkpoint_dir) if runtime.is_main else None]
+    # Rank 0 picks the checkpoint (setting unreadable ones aside) so that every rank resumes
+    # from the same one.
+    found = resolve_resume(cfg, checkpoint_dir) if runtime.is_main else None
+    resume_from = [found[0] if found else None]
     if world > 1:
         dist.broadcast_object_list(resume_from, src=0)
     resume_from = resume_from[0]
+    state = found[1] if found else load_checkpoint(resume_from) if resume_from else None
+
+    schedule = build_schedule(cfg.schedule, cfg.per_device_batch, world)
+    saved_world = world
+    if state is not None:  # the run's schedule in steps, even where the preset depends on world size
+        schedule, saved_world = LRSchedule(**state["config"]["lr_schedule_steps"]), state["config"]["world_size"]
+    resolved = {**cfg.to_dict(), "world_size": world, "lr_schedule_steps": dataclasses.asdict(schedule)}
+    if state is not None:
+        check_resume_config(state["config"], resolved, resume_from)
+    source = build_batch_source(cfg, rank, world) if data is None else as_batch_source(data)
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     engine = Engine(UNITE(cfg.model).to(runtime.device), cfg, runtime, schedule)
     step, skipped, streak, position, cfg_scale = 0, 0, 0, DataPosition(), cfg.initial_cfg_scale
-    if resume_from is None:
+    reread = 0
+    if state is None:
         seed_everything(rank_seed(cfg.seed, rank))
     else:
-        state = load_checkpoint(resume_from)
-        check_resume_config(state["config"], resolved, resume_from)
         engine.load_state_dict(state)
         step, skipped, streak = state["step"], state["skipped_steps"], state["nonfinite_streak"]
-        position, cfg_scale = DataPosition(**state["data_position"]), state["current_best_cfg_scale"]
-        restore_rng_state(state["rng"][rank])
+        cfg_scale = state["current_best_cfg_scale"]
+        if saved_world == world:
+            position = DataPosition(**state["data_position"])
+            restore_rng_state(state["rng"][rank])
+        else:
+            position, reread = carry_position(state["data_position"], saved_world, world, cfg.per_device_batch)
+            seed_everything(rank_seed(cfg.seed, rank, resumed_at=step))
+        del state, found  # the checkpoint's tensors are in the engine now
     if runtime.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
         start = f"resuming from {resume_from} at step {step}" if resume_from else "starting from scratch"
         print(f"unite.train: {start}; {world} process(es), {engine.accum} micro-batch(es) of "
               f"{cfg.per_device_batch} per step, peak lr {engine.peak_lr:.4g}", file=sys.stderr)
-    metrics = MetricsLog(out_dir, step) if runtime.is_main else None
+        if saved_world != world:
+            print(f"unite.train: the checkpoint was written by {saved_world} process(es), this run has {world}: "
+                  f"global batch {cfg.global_batch}, learning-rate schedule and data position (epoch "
+                  f"{position.epoch}, {position.batch * cfg.per_device_batch * world + reread} images in) carry "
+                  f"over{f', {reread} of them read again' if reread else ''}; random states are drawn afresh, "
+                  f"so the run continues but not bit for bit (that holds for the same number of processes "
+                  f"only)", file=sys.stderr)
+    metrics = MetricsLog(out_dir, step, cfg.max_steps, cfg.live_metrics) if runtime.is_main else None
 
     def write_checkpoint() -> Path:
         rng = [capture_rng_state()]
@@ -754,7 +837,7 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as stopped:
         print(stopped, file=sys.stderr)
         return 128 + stopped.signum
-    except (NonFiniteLossError, TimeoutError) as error:
+    except (NonFiniteLossError, CheckpointError, TimeoutError) as error:
         print(f"unite.train: {error}", file=sys.stderr)
         return 1
     if int(os.environ.get("RANK", "0")) == 0:
