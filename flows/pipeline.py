@@ -383,11 +383,30 @@ def run_stage(stage: str, repo_dir: str, env: dict[str, str], kill_grace_s: floa
     return result
 
 
+def _untracked(root: Path, paths: Sequence[str]) -> list[str]:
+    """The files under `paths` that git neither tracks nor ignores."""
+    if not paths:
+        return []
+    listed = subprocess.run(["git", "ls-files", "--others", "--exclude-standard", "-z", "--", *paths],
+                            cwd=root, capture_output=True, text=True, check=True).stdout
+    return [name for name in listed.split("\0") if name]
+
+
 @task(name="save-experiment", **_TASK_OPTIONS)
-def save_experiment(repo_dir: str, exp_name: str, stages: list[str], kill_grace_s: float = KILL_GRACE_S) -> None:
-    """`dvc exp save`: record the workspace (params, dvc.lock, metrics) as experiment `exp_name`."""
-    _run_dvc(["exp", "save", "-n", exp_name, *stages], f"saving experiment {exp_name!r}",
-             Path(repo_dir), get_run_logger().info, kill_grace_s=kill_grace_s)
+def save_experiment(
+    repo_dir: str, exp_name: str, plan: list[PlannedStage], kill_grace_s: float = KILL_GRACE_S
+) -> None:
+    """`dvc exp save`: record the workspace (params, dvc.lock, metrics) as experiment `exp_name`.
+
+    `dvc exp save` leaves out files that were already untracked when it ran, which after a first
+    `dvc repro` in a fresh clone are exactly the uncached metrics and plots. Like `dvc exp run`,
+    the experiment includes the untracked, not ignored outputs of the planned stages.
+    """
+    root = Path(repo_dir)
+    include = _untracked(root, [out for stage in plan for out in stage.outs])
+    _run_dvc(["exp", "save", "-n", exp_name, *(arg for path in include for arg in ("-I", path)),
+              *(stage.name for stage in plan)],
+             f"saving experiment {exp_name!r}", root, get_run_logger().info, kill_grace_s=kill_grace_s)
 
 
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -498,7 +517,7 @@ def pipeline(
     stage_task = run_stage.with_options(**options, timeout_seconds=stage_timeout_s)
     results = [stage_task(stage.name, root, env, kill_grace_s) for stage in plan]
     if name is not None:
-        save_experiment.with_options(**options)(root, name, [s.name for s in plan], kill_grace_s)
+        save_experiment.with_options(**options)(root, name, plan, kill_grace_s)
     return publish.with_options(**options)(root, plan, results, target, overrides, name, kill_grace_s)
 
 

@@ -106,6 +106,56 @@ DEMO_STAGES: dict[str, Any] = {
 }
 
 
+# The real pipeline shrunk to a few steps and samples (as tests/test_pipeline.py does).
+TINY_PARAMS: dict[str, Any] = {
+    "shard": {"shard_size": 100},
+    "fid_ref": {"feature_space": "pixel"},
+    "train": {"max_steps": 4, "checkpoint_every": 2, "log_every": 2, "global_batch": 16, "per_device_batch": 16,
+              "schedule": {"warmup_steps": 2, "hold_until_step": 3, "decay_until_step": 4, "final_lr_factor": 0.5}},
+    "sweep": {"num_images": 20, "max_extra_steps": 1, "solver": "euler", "steps": 3, "block_size": 10},
+    "evaluate": {"num_images": 20, "solver": "euler", "steps": 3, "block_size": 10, "grid_per_class": 2},
+}
+
+
+def _merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def _tool_env() -> dict[str, str]:
+    """The environment of a user's shell: the project's tools on PATH, this test's Prefect server."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
+            "PREFECT_API_URL": PREFECT_API_URL.value()}
+
+
+def _run(repo: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(args, cwd=repo, env=_tool_env(), capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def _fresh_clone_after_demo(path: Path) -> Path:
+    """A newcomer's state: the project's files in one commit, then `dvc repro` (what `scripts/demo`
+    runs), nothing committed since, so dvc.lock and the uncached metrics are untracked files."""
+    files = _git(ROOT, "ls-files", "-co", "--exclude-standard").split()
+    for name in files:
+        if (ROOT / name).is_file():
+            (path / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, path / name)
+    params_file = path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(_merge(yaml.safe_load(params_file.read_text()), TINY_PARAMS)))
+    _git(path, "init", "-q")
+    _git(path, "add", "-A")
+    _git(path, "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "clone")
+    _run(path, "dvc", "repro")
+    assert {"dvc.lock", "metrics/"} <= set(_git(path, "status", "--porcelain").replace("?? ", "").split())
+    return path
+
+
 def _git(repo: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout
 
@@ -368,3 +418,29 @@ def test_served_deployment_runs_on_cron_and_cancel_kills_the_stage_group(
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_flow_experiments_keep_their_metrics_from_a_fresh_clone(harness: None, tmp_path: Path) -> None:
+    """Two flow runs with different `--set` values after the demo, nothing committed: both
+    experiments hold their params and metrics, and DVC can diff them."""
+    repo = _fresh_clone_after_demo(tmp_path / "clone")
+    for seed in (1, 2):
+        _run(repo, sys.executable, "-m", "flows.pipeline", "run", "--repo", str(repo), "--retry-delay", "0",
+             "--set", f"evaluate.seed={seed}", "--exp-name", f"seed-{seed}")
+
+    shown = json.loads(_run(repo, "dvc", "exp", "show", "--json").stdout)
+    experiments = {exp["name"]: exp["revs"][0]["data"] for base in shown for exp in base.get("experiments") or []}
+    assert set(experiments) == {"seed-1", "seed-2"}
+    for seed in (1, 2):
+        data = experiments[f"seed-{seed}"]
+        assert data["params"]["params.yaml"]["data"]["evaluate"]["seed"] == seed
+        for name in ("metrics/eval.json", "metrics/sweep.json", "metrics/train.json", "metrics/shard.json"):
+            assert "data" in data["metrics"][name], (name, data["metrics"][name])
+        assert data["metrics"]["metrics/eval.json"]["data"]["generation"]["num_images"] == 20
+
+    params_diff = json.loads(_run(repo, "dvc", "params", "diff", "seed-1", "seed-2", "--json").stdout)
+    assert params_diff["params.yaml"]["evaluate.seed"] == {"old": 1, "new": 2, "diff": 1}
+    metrics_diff = json.loads(_run(repo, "dvc", "metrics", "diff", "seed-1", "seed-2", "--json").stdout)
+    changed = metrics_diff.get("metrics/eval.json", {})
+    assert changed and all(entry["old"] is not None and entry["new"] is not None for entry in changed.values())
