@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from stages.export import OUT as MODEL
 from stages.fid_ref import OUT as REFERENCE
+from stages.launch import run_stage
 from stages.params import load_params
 from stages.shard import OUT as SHARDS
 from unite.cfg_search import CfgResult, adaptive_cfg_search, cfg_sweep
@@ -66,4 +67,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)
