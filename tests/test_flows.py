@@ -32,7 +32,14 @@ if "PREFECT_HOME" not in os.environ:  # keep the user's ~/.prefect untouched
 import pytest  # noqa: E402
 import yaml  # noqa: E402
 from prefect import get_client  # noqa: E402
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId  # noqa: E402
+from prefect.client.schemas.filters import (  # noqa: E402
+    ArtifactFilter,
+    ArtifactFilterKey,
+    FlowRunFilter,
+    FlowRunFilterId,
+    LogFilter,
+    LogFilterFlowRunId,
+)
 from prefect.client.schemas.objects import TaskRun  # noqa: E402
 from prefect.deployments import run_deployment  # noqa: E402
 from prefect.logging.handlers import APILogWorker  # noqa: E402
@@ -40,13 +47,21 @@ from prefect.settings import PREFECT_API_URL  # noqa: E402
 from prefect.states import Cancelling  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
-from flows.pipeline import LOCK_MESSAGE, METRICS_KEY, SUMMARY_KEY, DvcError, _terminal_line, pipeline  # noqa: E402
+from flows.pipeline import (  # noqa: E402
+    LOCK_MESSAGE,
+    METRICS_KEY,
+    PROGRESS_KEY,
+    SUMMARY_KEY,
+    DvcError,
+    _terminal_line,
+    pipeline,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = shlex.quote(sys.executable)
 
 STAGES_PY = '''
-import json, os, signal, sys
+import json, os, signal, sys, time
 from pathlib import Path
 import yaml
 
@@ -93,6 +108,21 @@ def flaky():
 def plain():
     bump("plain")
     Path("plain.txt").write_text("ok")
+
+def gated_train():
+    """Logs training rows as the trainer does (metrics/train.json), stopping at step 2 of 4 until
+    the test creates `go`; records when it ran in train.log."""
+    with open("train.log", "a") as log:
+        log.write(f"start {time.time()}\\n")
+    Path("metrics").mkdir(exist_ok=True)
+    for step in (2, 4):
+        while step == 4 and not Path("go").exists():
+            time.sleep(0.1)
+        row = {"step": step, "max_steps": 4, "loss": 1.0 / step, "images_per_s": 50.0 * step}
+        Path("metrics/train.json").write_text(json.dumps(row))
+    train()
+    with open("train.log", "a") as log:
+        log.write(f"end {time.time()}\\n")
 
 globals()[sys.argv[1]]()
 '''
@@ -444,3 +474,54 @@ def test_flow_experiments_keep_their_metrics_from_a_fresh_clone(harness: None, t
     metrics_diff = json.loads(_run(repo, "dvc", "metrics", "diff", "seed-1", "seed-2", "--json").stdout)
     changed = metrics_diff.get("metrics/eval.json", {})
     assert changed and all(entry["old"] is not None and entry["new"] is not None for entry in changed.values())
+
+
+def test_training_runs_on_one_node_queue_and_show_progress(harness: None, make_repo: Callable[..., Path]) -> None:
+    """Two flow runs that train in one workspace, from the CLI, without retries: the second waits
+    for the node's training slot instead of failing on DVC's lock, then trains and completes. While
+    the first trains, its progress artifact shows the logged step."""
+    repo = make_repo({
+        "prepare": DEMO_STAGES["prepare"],
+        "train": {"cmd": f"{PY} stages.py gated_train", "deps": ["data"], "params": ["train.scale"],
+                  "outs": ["model.txt"], "metrics": [{"metrics/train.json": {"cache": False}}]},
+    })
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+
+    def start(name: str, *args: str) -> tuple[subprocess.Popen[bytes], Path]:
+        out = repo.parent / f"{name}.out"
+        with open(out, "wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "flows.pipeline", "run", "--repo", str(repo), "--retries", "0", *args],
+                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return process, out
+
+    def progress() -> list[tuple[float, str]]:
+        with get_client(sync_client=True) as client:
+            found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[PROGRESS_KEY])))
+        return [(float(a.data), a.description or "") for a in found]
+
+    train_log = repo / "train.log"
+    first, first_out = start("first")
+    second = None
+    try:
+        assert _wait_until(lambda: train_log.is_file(), 120, every=0.2), first_out.read_text()
+        assert _wait_until(lambda: (50.0, "training: step 2 / 4, loss 0.5, 100.0 images/s") in progress(), 60,
+                           every=0.5), progress()
+        second, second_out = start("second", "--set", "train.scale=3", "--exp-name", "scale3")
+        assert _wait_until(lambda: "waiting for a slot of concurrency limit" in second_out.read_text(), 120,
+                           every=0.2), second_out.read_text()
+        time.sleep(3)  # the second run must stay queued, not fail, while the first still trains
+        assert second.poll() is None, second_out.read_text()
+        (repo / "go").touch()
+        assert first.wait(timeout=300) == 0, first_out.read_text()
+        assert second.wait(timeout=300) == 0, second_out.read_text()
+    finally:
+        for process in (first, second):
+            if process is not None and process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+
+    events = [line.split() for line in train_log.read_text().splitlines()]
+    assert [kind for kind, _ in events] == ["start", "end", "start", "end"]
+    assert float(events[1][1]) <= float(events[2][1])  # the second trained after the first
+    assert (repo / "model.txt").read_text() == "18"  # scale 3 x (1 + 2 + 3)
+    assert (100.0, "training: step 4 / 4, loss 0.25, 200.0 images/s") in progress()
