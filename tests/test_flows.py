@@ -525,3 +525,29 @@ def test_training_runs_on_one_node_queue_and_show_progress(harness: None, make_r
     assert float(events[1][1]) <= float(events[2][1])  # the second trained after the first
     assert (repo / "model.txt").read_text() == "18"  # scale 3 x (1 + 2 + 3)
     assert (100.0, "training: step 4 / 4, loss 0.25, 200.0 images/s") in progress()
+
+
+def test_prefect_yaml_deploys_to_a_work_pool_whose_worker_runs_the_pipeline(
+    harness: None, make_repo: Callable[..., Path]
+) -> None:
+    """The commands of prefect.yaml's header, in a checkout that holds the flow: create the pool,
+    deploy, run the deployment, and a worker started on the node runs it in that checkout."""
+    repo = make_repo({"plain": {"cmd": f"{PY} stages.py plain", "outs": ["plain.txt"]}})
+    shutil.copytree(ROOT / "flows", repo / "flows", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(ROOT / "prefect.yaml", repo / "prefect.yaml")
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "UNITE_REPO": str(repo)}
+    prefect = str(Path(sys.executable).parent / "prefect")
+    for args in (["work-pool", "create", "gpu-nodes", "--type", "process"], ["--no-prompt", "deploy", "--all"]):
+        done = subprocess.run([prefect, *args], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("unite-pipeline/unite-cluster")
+    assert deployment.work_pool_name == "gpu-nodes"
+    flow_run = run_deployment(deployment.id, timeout=0)
+    worker = subprocess.run([prefect, "worker", "start", "--pool", "gpu-nodes", "--run-once"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(flow_run.id).state
+    assert state is not None and state.is_completed(), worker.stdout + worker.stderr
+    assert (repo / "plain.count").read_text() == "1"
