@@ -18,7 +18,9 @@ Parameters
        after checking that the experiment name is free;
     2. the stages run one task each, as above, with `DVC_EXP_NAME` set as `dvc exp run` sets it;
     3. `dvc exp save -n <name> <stages>` records the result as one experiment, so
-       `dvc exp show`, `dvc params diff` and `dvc metrics diff` list it like any other.
+       `dvc exp show`, `dvc params diff` and `dvc metrics diff` list it like any other. The
+       planned stages' outputs that git neither tracks nor ignores (dvc.lock's uncached metrics
+       and plots, never committed in a fresh clone) are included, as `dvc exp run` includes them.
     The experiment is named after the Prefect flow run unless `exp_name` is given. One
     `dvc exp run -S` task would produce the same experiment but hide the stages inside a single
     task: no per-stage states, logs or retries. As with `dvc exp run`, the overrides stay in the
@@ -33,6 +35,14 @@ Processes
     `torchrun` workers die with it. Processes a stage leaves behind after DVC exits are stopped
     the same way.
 
+One training run per node
+    A run that may train (its plan holds the train stage, and that stage or one planned before it
+    is out of date, DVC's lock hides whether it is, or the run sets a param they read) first takes
+    a slot of the Prefect global concurrency limit `unite-train-<host name>` (`train_limit`),
+    created with one slot if missing, and holds it until its experiment is saved: a second
+    training run on the node waits in the limit's queue instead of failing on DVC's lock.
+    Evaluation-only runs take no slot.
+
 Retries
     Only transient failures are retried (`retries`, `retry_delay_s`): DVC could not take the
     repository lock ("Unable to acquire lock": another DVC process runs in this workspace), or the
@@ -41,7 +51,8 @@ Retries
     fails the flow at once.
 
 Artifacts
-    After the stages: a markdown summary (`unite-summary`: plan, what each stage did, params,
+    While the train stage runs, `unite-train-progress` shows step / max steps, loss and images/s
+    from metrics/train.json (the trainer rewrites it at every log interval). After the stages: a markdown summary (`unite-summary`: plan, what each stage did, params,
     experiment, metrics, sample-grid paths) and a table of `dvc metrics show --json`
     (`unite-metrics`). Image artifacts only render public URLs, so grids (image files among the
     planned stages' outputs) are published as paths on the host that ran the flow.
