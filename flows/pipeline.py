@@ -52,10 +52,11 @@ Retries
 
 Artifacts
     While the train stage runs, `unite-train-progress` shows step / max steps, loss and images/s
-    from metrics/train.json (the trainer rewrites it at every log interval). After the stages: a markdown summary (`unite-summary`: plan, what each stage did, params,
-    experiment, metrics, sample-grid paths) and a table of `dvc metrics show --json`
-    (`unite-metrics`). Image artifacts only render public URLs, so grids (image files among the
-    planned stages' outputs) are published as paths on the host that ran the flow.
+    from metrics/train.json (the trainer rewrites it at every log interval). After the stages: a
+    markdown summary (`unite-summary`: plan, what each stage did, params, experiment, metrics,
+    sample-grid paths) and a table of `dvc metrics show --json` (`unite-metrics`). Image
+    artifacts only render public URLs, so grids (image files among the planned stages' outputs)
+    are published as paths on the host that ran the flow.
 
 CLI
     python -m flows.pipeline run [--target evaluate] [--set train.lr=0.001 ...] [--exp-name N]
@@ -81,8 +82,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import yaml
-from prefect import flow, get_run_logger, task
-from prefect import get_client
+from prefect import flow, get_client, get_run_logger, task
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
