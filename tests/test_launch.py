@@ -17,9 +17,10 @@ ROOT = Path(__file__).resolve().parents[1]
 FIX_PARAMS = "; fix it in params.yaml and rerun"
 
 
-def _workspace(tmp_path: Path, train: dict | None = None) -> Path:
+def _workspace(tmp_path: Path, train: dict | None = None, **sections: dict) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["train"].update(train or {})
+    for name, changes in {"train": train or {}, **sections}.items():
+        params[name].update(changes)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     return tmp_path
 
@@ -65,6 +66,12 @@ def test_every_stage_reports_a_missing_input_in_one_line(tmp_path: Path, command
     stage = command[-1].removeprefix("stages.")
     line = _one_line(_stage(_workspace(tmp_path), *command))
     assert line.startswith(f"error: {stage}: ") and missing in line
+
+
+def test_a_missing_weights_file_is_one_line(tmp_path: Path) -> None:
+    workspace = _workspace(tmp_path, fid_ref={"feature_space": "inception", "inception_weights": "/nowhere/fid.pth"})
+    line = _one_line(_stage(workspace, "stages.fid_ref"))
+    assert line.startswith("error: fid_ref: ") and "/nowhere/fid.pth" in line
 
 
 def test_no_readable_checkpoint_stops_training_in_one_line(tmp_path: Path) -> None:
