@@ -41,7 +41,8 @@ One training run per node
     a slot of the Prefect global concurrency limit `unite-train-<host name>` (`train_limit`),
     created with one slot if missing, and holds it until its experiment is saved: a second
     training run on the node waits in the limit's queue instead of failing on DVC's lock.
-    Evaluation-only runs take no slot.
+    Evaluation-only runs take no slot (unless started while a stage of the workspace holds DVC's
+    lock) and retry on the lock as before.
 
 Retries
     Only transient failures are retried (`retries`, `retry_delay_s`): DVC could not take the
