@@ -53,7 +53,9 @@ from flows.pipeline import (  # noqa: E402
     PROGRESS_KEY,
     SUMMARY_KEY,
     DvcError,
+    PlannedStage,
     _terminal_line,
+    may_train,
     pipeline,
 )
 
@@ -279,6 +281,22 @@ def _wait_until(condition: Callable[[], bool], seconds: float, every: float = 0.
 def test_terminal_line_keeps_last_progress_state() -> None:
     assert _terminal_line(b"step 1\r step 2\rstep 3\r\n") == "step 3"
     assert _terminal_line("caf\u00e9\n".encode()) == "caf\u00e9"
+
+
+def test_which_runs_may_train() -> None:
+    """The dvc.yaml of this repository: train reads the `train` section, evaluate `evaluate`."""
+    def plan(changed: bool | None) -> list[PlannedStage]:
+        return [PlannedStage("shard", (), (("params.yaml", "shard"),), False),
+                PlannedStage("train", (), (("params.yaml", "train"),), changed),
+                PlannedStage("evaluate", (), (("params.yaml", "evaluate"),), True)]
+
+    assert not may_train(plan(False), {})
+    assert not may_train(plan(False), {"evaluate.num_images": 300})
+    assert may_train(plan(False), {"train.base_lr": 0.001})
+    assert may_train(plan(False), {"params.yaml:train.schedule.warmup_steps": 5})
+    assert may_train(plan(True), {})
+    assert may_train(plan(None), {"evaluate.num_images": 300})  # DVC's lock was held: cannot tell
+    assert not may_train(plan(None)[2:], {"train.base_lr": 0.001})  # no train stage planned
 
 
 def test_runs_stages_in_dvc_order_publishes_artifacts_and_reruns_nothing(
