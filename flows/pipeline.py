@@ -18,7 +18,9 @@ Parameters
        after checking that the experiment name is free;
     2. the stages run one task each, as above, with `DVC_EXP_NAME` set as `dvc exp run` sets it;
     3. `dvc exp save -n <name> <stages>` records the result as one experiment, so
-       `dvc exp show`, `dvc params diff` and `dvc metrics diff` list it like any other.
+       `dvc exp show`, `dvc params diff` and `dvc metrics diff` list it like any other. The
+       planned stages' outputs that git neither tracks nor ignores (dvc.lock's uncached metrics
+       and plots, never committed in a fresh clone) are included, as `dvc exp run` includes them.
     The experiment is named after the Prefect flow run unless `exp_name` is given. One
     `dvc exp run -S` task would produce the same experiment but hide the stages inside a single
     task: no per-stage states, logs or retries. As with `dvc exp run`, the overrides stay in the
@@ -33,6 +35,15 @@ Processes
     `torchrun` workers die with it. Processes a stage leaves behind after DVC exits are stopped
     the same way.
 
+One training run per node
+    A run that may train (its plan holds the train stage, and that stage or one planned before it
+    is out of date, DVC's lock hides whether it is, or the run sets a param they read) first takes
+    a slot of the Prefect global concurrency limit `unite-train-<host name>` (`train_limit`),
+    created with one slot if missing, and holds it until its experiment is saved: a second
+    training run on the node waits in the limit's queue instead of failing on DVC's lock.
+    Evaluation-only runs take no slot (unless started while a stage of the workspace holds DVC's
+    lock) and retry on the lock as before.
+
 Retries
     Only transient failures are retried (`retries`, `retry_delay_s`): DVC could not take the
     repository lock ("Unable to acquire lock": another DVC process runs in this workspace), or the
@@ -41,10 +52,12 @@ Retries
     fails the flow at once.
 
 Artifacts
-    After the stages: a markdown summary (`unite-summary`: plan, what each stage did, params,
-    experiment, metrics, sample-grid paths) and a table of `dvc metrics show --json`
-    (`unite-metrics`). Image artifacts only render public URLs, so grids (image files among the
-    planned stages' outputs) are published as paths on the host that ran the flow.
+    While the train stage runs, `unite-train-progress` shows step / max steps, loss and images/s
+    from metrics/train.json (the trainer rewrites it at every log interval). After the stages: a
+    markdown summary (`unite-summary`: plan, what each stage did, params, experiment, metrics,
+    sample-grid paths) and a table of `dvc metrics show --json` (`unite-metrics`). Image
+    artifacts only render public URLs, so grids (image files among the planned stages' outputs)
+    are published as paths on the host that ran the flow.
 
 CLI
     python -m flows.pipeline run [--target evaluate] [--set train.lr=0.001 ...] [--exp-name N]
@@ -63,15 +76,25 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+import yaml
+from prefect import flow, get_client, get_run_logger, task
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.client.schemas.objects import TaskRun
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.runtime import flow_run
 from prefect.states import State
 from prefect.tasks import Task
@@ -86,19 +109,36 @@ TRANSIENT_SIGNALS = (signal.SIGKILL, signal.SIGTERM)
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".gif", ".webp", ".svg"})
 MAX_IMAGES_PER_OUT = 20
 POLL_S = 0.2
+TRAIN_STAGE = "train"
+TRAIN_METRICS = Path("metrics/train.json")  # the train stage's latest log row, kept current while it runs
+PROGRESS_KEY = "unite-train-progress"
+PROGRESS_EVERY_S = 5.0
+TRAIN_LIMIT = "unite-train-{host}"  # the Prefect concurrency limit that queues training on one node
 
 ParamValue = str | int | float | bool
 
-# Runs in the repository root, where DVC resolves targets: prints `dvc repro [target]`'s plan.
+# Runs in the repository root, where DVC resolves targets: prints `dvc repro [target]`'s plan,
+# each stage's params and, with --changed, whether it is out of date (null: the DVC lock is held).
 _PLAN_SCRIPT = """
 import json, os, sys
+from dvc.lock import LockError
 from dvc.repo import Repo
 from dvc.repo.reproduce import collect_stages, get_active_graph, plan_repro
+check, targets = sys.argv[1] == "--changed", sys.argv[2:] or ["dvc.yaml"]
 with Repo() as repo:
-    stages = collect_stages(repo, sys.argv[1:] or ["dvc.yaml"])
+    stages = collect_stages(repo, targets)
     plan = plan_repro(get_active_graph(repo.index.graph), stages)
+    changed = {}
+    if check:
+        try:
+            with repo.lock:
+                changed = {s.addressing: bool(s.changed()) for s in plan}
+        except LockError:
+            pass
     print(json.dumps([
-        {"stage": s.addressing, "outs": [os.path.relpath(o.fs_path) for o in s.outs]}
+        {"stage": s.addressing, "outs": [os.path.relpath(o.fs_path) for o in s.outs],
+         "params": [[os.path.relpath(p.fs_path), key] for p in s.params for key in p.params or [""]],
+         "changed": changed.get(s.addressing)}
         for s in plan
     ]))
 """
@@ -123,6 +163,8 @@ class TransientDvcError(DvcError):
 class PlannedStage:
     name: str
     outs: tuple[str, ...]
+    params: tuple[tuple[str, str], ...] = ()  # (params file, key; "" for the whole file)
+    changed: bool | None = None  # out of date; None: not checked, or DVC's lock was held
 
 
 @dataclass(frozen=True)
@@ -201,12 +243,14 @@ def run_streamed(
     on_line: Callable[[str], None],
     env: Mapping[str, str] | None = None,
     kill_grace_s: float = KILL_GRACE_S,
+    tick: Callable[[], None] | None = None,
 ) -> int:
     """Run `cmd` in a new session, feed each output line to `on_line`, return the exit code.
 
     The group is stopped (SIGTERM, then SIGKILL) if anything interrupts the wait, and when
     processes outlive the leader. Waiting polls a queue so that Prefect's timeout and
-    cancellation exceptions are delivered promptly even when the command prints nothing.
+    cancellation exceptions are delivered promptly even when the command prints nothing;
+    `tick` is called at every poll and line.
     """
     proc = subprocess.Popen(
         list(cmd),
@@ -223,6 +267,8 @@ def run_streamed(
     reader.start()
     try:
         while True:
+            if tick is not None:
+                tick()
             try:
                 line = lines.get(timeout=POLL_S)
             except queue.Empty:
@@ -287,6 +333,7 @@ def _run_dvc(
     on_line: Callable[[str], None],
     env: Mapping[str, str] | None = None,
     kill_grace_s: float = KILL_GRACE_S,
+    tick: Callable[[], None] | None = None,
 ) -> _DvcOutput:
     output = _DvcOutput(tail=deque(maxlen=20))
 
@@ -294,7 +341,7 @@ def _run_dvc(
         output.feed(line)
         on_line(line)
 
-    returncode = run_streamed(_dvc(*args), root, feed, env=env, kill_grace_s=kill_grace_s)
+    returncode = run_streamed(_dvc(*args), root, feed, env=env, kill_grace_s=kill_grace_s, tick=tick)
     if returncode != 0:
         raise output.error(what, returncode)
     return output
@@ -314,16 +361,20 @@ _TASK_OPTIONS: dict[str, Any] = dict(
 
 
 @task(name="plan", **_TASK_OPTIONS)
-def plan_stages(repo_dir: str, target: str | None, kill_grace_s: float = KILL_GRACE_S) -> list[PlannedStage]:
-    """The stages `dvc repro [target]` would visit, in DVC's order (target's upstream included)."""
+def plan_stages(
+    repo_dir: str, target: str | None, kill_grace_s: float = KILL_GRACE_S, check_changed: bool = False
+) -> list[PlannedStage]:
+    """The stages `dvc repro [target]` would visit, in DVC's order (target's upstream included),
+    with whether each is out of date when `check_changed`."""
     lines: list[str] = []
     what = f"planning target {target!r}" if target else "planning dvc.yaml"
-    args = ["-c", _PLAN_SCRIPT, *([target] if target else [])]
+    args = ["-c", _PLAN_SCRIPT, "--changed" if check_changed else "--", *([target] if target else [])]
     returncode = run_streamed([sys.executable, *args], Path(repo_dir), lines.append,
                               kill_grace_s=kill_grace_s)
     if returncode != 0:
         raise DvcError(f"{what} failed (exit code {returncode}):\n" + "\n".join(lines[-20:]))
-    plan = [PlannedStage(item["stage"], tuple(item["outs"])) for item in json.loads(lines[-1])]
+    plan = [PlannedStage(item["stage"], tuple(item["outs"]), tuple(map(tuple, item["params"])), item["changed"])
+            for item in json.loads(lines[-1])]
     if not plan:
         raise DvcError(f"{what}: DVC found no stages to run in {repo_dir}")
     get_run_logger().info("DVC plan: %s", " -> ".join(s.name for s in plan))
@@ -371,23 +422,83 @@ def set_params(repo_dir: str, params: dict[str, ParamValue], exp_name: str) -> l
     return overrides
 
 
+class _TrainProgress:
+    """The `unite-train-progress` artifact: step / max steps, loss and images/s of the train stage,
+    read from its metrics file whenever that changed, at most every PROGRESS_EVERY_S."""
+
+    def __init__(self, root: Path) -> None:
+        self.metrics, self.params = root / TRAIN_METRICS, root / "params.yaml"
+        self.seen = self._mtime()
+        self.next_s = 0.0
+        self.artifact = create_progress_artifact(0.0, key=PROGRESS_KEY, description="training: no step logged yet")
+
+    def _mtime(self) -> int | None:
+        try:
+            return self.metrics.stat().st_mtime_ns
+        except FileNotFoundError:
+            return None
+
+    def update(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if now < self.next_s and not force:
+            return
+        self.next_s = now + PROGRESS_EVERY_S
+        mtime = self._mtime()
+        if mtime is None or mtime == self.seen:
+            return
+        try:
+            row = json.loads(self.metrics.read_text())
+            max_steps = row.get("max_steps") or yaml.safe_load(self.params.read_text())["train"]["max_steps"]
+            step = row["step"]
+        except (OSError, ValueError, KeyError, TypeError):  # mid-write or not a training row yet
+            return
+        self.seen = mtime
+        update_progress_artifact(
+            self.artifact, min(100.0, 100.0 * step / max_steps),
+            description=f"training: step {step} / {max_steps}, loss {row.get('loss', float('nan')):.4g}, "
+                        f"{row.get('images_per_s', float('nan')):.1f} images/s",
+        )
+
+
 @task(name="stage", task_run_name="{stage}", **_TASK_OPTIONS)
 def run_stage(stage: str, repo_dir: str, env: dict[str, str], kill_grace_s: float = KILL_GRACE_S) -> StageResult:
     """`dvc repro --single-item <stage>`; DVC skips it when nothing it depends on changed."""
     logger = get_run_logger()
     start = time.monotonic()
+    progress = _TrainProgress(Path(repo_dir)) if stage == TRAIN_STAGE else None
     output = _run_dvc(["repro", "--single-item", stage], f"stage {stage!r}", Path(repo_dir),
-                      logger.info, env=env, kill_grace_s=kill_grace_s)
+                      logger.info, env=env, kill_grace_s=kill_grace_s, tick=progress.update if progress else None)
+    if progress is not None:
+        progress.update(force=True)
     result = StageResult(stage, output.outcome, round(time.monotonic() - start, 1))
     logger.info("stage %r: %s in %.1f s", stage, result.outcome, result.seconds)
     return result
 
 
+def _untracked(root: Path, paths: Sequence[str]) -> list[str]:
+    """The files under `paths` that git neither tracks nor ignores."""
+    if not paths:
+        return []
+    listed = subprocess.run(["git", "ls-files", "--others", "--exclude-standard", "-z", "--", *paths],
+                            cwd=root, capture_output=True, text=True, check=True).stdout
+    return [name for name in listed.split("\0") if name]
+
+
 @task(name="save-experiment", **_TASK_OPTIONS)
-def save_experiment(repo_dir: str, exp_name: str, stages: list[str], kill_grace_s: float = KILL_GRACE_S) -> None:
-    """`dvc exp save`: record the workspace (params, dvc.lock, metrics) as experiment `exp_name`."""
-    _run_dvc(["exp", "save", "-n", exp_name, *stages], f"saving experiment {exp_name!r}",
-             Path(repo_dir), get_run_logger().info, kill_grace_s=kill_grace_s)
+def save_experiment(
+    repo_dir: str, exp_name: str, plan: list[PlannedStage], kill_grace_s: float = KILL_GRACE_S
+) -> None:
+    """`dvc exp save`: record the workspace (params, dvc.lock, metrics) as experiment `exp_name`.
+
+    `dvc exp save` leaves out files that were already untracked when it ran, which after a first
+    `dvc repro` in a fresh clone are exactly the uncached metrics and plots. Like `dvc exp run`,
+    the experiment includes the untracked, not ignored outputs of the planned stages.
+    """
+    root = Path(repo_dir)
+    include = _untracked(root, [out for stage in plan for out in stage.outs])
+    _run_dvc(["exp", "save", "-n", exp_name, *(arg for path in include for arg in ("-I", path)),
+              *(stage.name for stage in plan)],
+             f"saving experiment {exp_name!r}", root, get_run_logger().info, kill_grace_s=kill_grace_s)
 
 
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -466,6 +577,50 @@ def publish(
     return metrics
 
 
+# ---------------------------------------------------------------- one training run per node
+
+
+def _reads(stage: PlannedStage, override: str) -> bool:
+    """Whether `stage` depends on the param that the `-S`-style key `[file:]section.key` sets."""
+    path, _, key = override.rpartition(":")
+    return any(
+        (path or "params.yaml") == dep_path and (not dep or key == dep or key.startswith(f"{dep}.")
+                                                 or dep.startswith(f"{key}."))
+        for dep_path, dep in stage.params
+    )
+
+
+def may_train(plan: Sequence[PlannedStage], params: Mapping[str, ParamValue]) -> bool:
+    """Whether a run may train: its plan holds the train stage, and that stage or one planned
+    before it is out of date (or DVC's lock, held by a running stage, hides whether it is), or
+    reads a param the run sets."""
+    names = [stage.name for stage in plan]
+    if TRAIN_STAGE not in names:
+        return False
+    upstream = plan[: names.index(TRAIN_STAGE) + 1]
+    return any(stage.changed is not False or any(_reads(stage, key) for key in params) for stage in upstream)
+
+
+@contextmanager
+def training_slot(name: str) -> Iterator[None]:
+    """Hold a slot of the Prefect global concurrency limit `name`, waiting in its queue; the limit
+    is created with one slot when it does not exist yet (change it with `prefect gcl update`)."""
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+            except ObjectAlreadyExists:  # another run created it meanwhile
+                pass
+    logger = get_run_logger()
+    logger.info("waiting for a slot of concurrency limit %r (one training run per node)", name)
+    start = time.monotonic()
+    with concurrency(name, occupy=1):
+        logger.info("holding concurrency limit %r after %.1f s", name, time.monotonic() - start)
+        yield
+
+
 # ---------------------------------------------------------------- flow
 
 
@@ -479,26 +634,33 @@ def pipeline(
     retry_delay_s: float = 60.0,
     stage_timeout_s: float | None = None,
     kill_grace_s: float = KILL_GRACE_S,
+    train_limit: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Run the DVC stages up to `target` (all by default), then publish metrics and grids.
 
     `params` are `dvc exp run -S` overrides ({"train.lr": 0.001}); with them the run is saved as
-    DVC experiment `exp_name` (default: this flow run's name). Returns the metrics per file.
+    DVC experiment `exp_name` (default: this flow run's name). A run that may train first waits
+    for the node's training slot, the Prefect concurrency limit `train_limit` (default
+    `unite-train-<host name>`), and holds it until its experiment is saved. Returns the metrics
+    per file.
     """
     root = str(Path(repo_dir).resolve() if repo_dir else REPO_ROOT)
     options: dict[str, Any] = dict(retries=retries, retry_delay_seconds=retry_delay_s)
     overrides: list[str] = []
     env: dict[str, str] = {}
     name = None
-    if params:  # before planning: a `matrix:` over a params list changes the stages
-        name = exp_name or str(flow_run.get_name())
-        overrides = set_params.with_options(**options)(root, params, name)
-        env["DVC_EXP_NAME"] = name
-    plan = plan_stages.with_options(**options)(root, target, kill_grace_s)
-    stage_task = run_stage.with_options(**options, timeout_seconds=stage_timeout_s)
-    results = [stage_task(stage.name, root, env, kill_grace_s) for stage in plan]
-    if name is not None:
-        save_experiment.with_options(**options)(root, name, [s.name for s in plan], kill_grace_s)
+    plan = plan_stages.with_options(**options)(root, target, kill_grace_s, check_changed=True)
+    slot = train_limit or TRAIN_LIMIT.format(host=socket.gethostname())
+    with training_slot(slot) if may_train(plan, params or {}) else nullcontext():
+        if params:  # before planning again: a `matrix:` over a params list changes the stages
+            name = exp_name or str(flow_run.get_name())
+            overrides = set_params.with_options(**options)(root, params, name)
+            env["DVC_EXP_NAME"] = name
+            plan = plan_stages.with_options(**options)(root, target, kill_grace_s)
+        stage_task = run_stage.with_options(**options, timeout_seconds=stage_timeout_s)
+        results = [stage_task(stage.name, root, env, kill_grace_s) for stage in plan]
+        if name is not None:
+            save_experiment.with_options(**options)(root, name, plan, kill_grace_s)
     return publish.with_options(**options)(root, plan, results, target, overrides, name, kill_grace_s)
 
 

@@ -1,5 +1,6 @@
 """Stage demo_data: scikit-learn's bundled digits written as an image folder (data/raw)."""
 
+from stages.launch import run_stage
 from stages.params import load_params
 from unite.demo_data import write_demo_folder
 
@@ -14,4 +15,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -17,6 +17,7 @@ import torch
 
 from stages.export import OUT as MODEL
 from stages.fid_ref import OUT as REFERENCE
+from stages.launch import run_stage
 from stages.params import load_params
 from stages.shard import OUT as SHARDS
 from stages.sweep import METRICS_JSON as SWEEP
@@ -81,4 +82,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from stages.launch import run_stage
 from stages.train import FINAL
 from unite.checkpoint import export_ema
 
@@ -14,4 +15,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -3,6 +3,7 @@ from a precomputed npz or computed from the train shards."""
 
 from pathlib import Path
 
+from stages.launch import run_stage
 from stages.params import load_params
 from stages.shard import OUT as SHARDS
 from unite.evaluation import feature_space, real_batches
@@ -31,4 +32,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

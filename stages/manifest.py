@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from stages.launch import run_stage
 from stages.params import load_params
 from unite.data.manifest import write_manifest
 
@@ -16,4 +17,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+from stages.launch import run_stage
 from stages.manifest import OUT as MANIFESTS, SPLITS
 from stages.params import load_params
 from unite.data.shards import write_shards
@@ -27,4 +28,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from stages.export import OUT as MODEL
 from stages.fid_ref import OUT as REFERENCE
+from stages.launch import run_stage
 from stages.params import load_params
 from stages.shard import OUT as SHARDS
 from unite.cfg_search import adaptive_cfg_search, wide_sweep
@@ -76,4 +77,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

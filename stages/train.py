@@ -14,6 +14,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from stages.launch import run_stage
 from stages.params import load_params, train_config
 from stages.shard import OUT as SHARDS
 from unite.checkpoint import latest_checkpoint
@@ -75,4 +76,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

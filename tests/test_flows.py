@@ -32,7 +32,14 @@ if "PREFECT_HOME" not in os.environ:  # keep the user's ~/.prefect untouched
 import pytest  # noqa: E402
 import yaml  # noqa: E402
 from prefect import get_client  # noqa: E402
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId  # noqa: E402
+from prefect.client.schemas.filters import (  # noqa: E402
+    ArtifactFilter,
+    ArtifactFilterKey,
+    FlowRunFilter,
+    FlowRunFilterId,
+    LogFilter,
+    LogFilterFlowRunId,
+)
 from prefect.client.schemas.objects import TaskRun  # noqa: E402
 from prefect.deployments import run_deployment  # noqa: E402
 from prefect.logging.handlers import APILogWorker  # noqa: E402
@@ -40,13 +47,23 @@ from prefect.settings import PREFECT_API_URL  # noqa: E402
 from prefect.states import Cancelling  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
-from flows.pipeline import LOCK_MESSAGE, METRICS_KEY, SUMMARY_KEY, DvcError, _terminal_line, pipeline  # noqa: E402
+from flows.pipeline import (  # noqa: E402
+    LOCK_MESSAGE,
+    METRICS_KEY,
+    PROGRESS_KEY,
+    SUMMARY_KEY,
+    DvcError,
+    PlannedStage,
+    _terminal_line,
+    may_train,
+    pipeline,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = shlex.quote(sys.executable)
 
 STAGES_PY = '''
-import json, os, signal, sys
+import json, os, signal, sys, time
 from pathlib import Path
 import yaml
 
@@ -94,6 +111,21 @@ def plain():
     bump("plain")
     Path("plain.txt").write_text("ok")
 
+def gated_train():
+    """Logs training rows as the trainer does (metrics/train.json), stopping at step 2 of 4 until
+    the test creates `go`; records when it ran in train.log."""
+    with open("train.log", "a") as log:
+        log.write(f"start {time.time()}\\n")
+    Path("metrics").mkdir(exist_ok=True)
+    for step in (2, 4):
+        while step == 4 and not Path("go").exists():
+            time.sleep(0.1)
+        row = {"step": step, "max_steps": 4, "loss": 1.0 / step, "images_per_s": 50.0 * step}
+        Path("metrics/train.json").write_text(json.dumps(row))
+    train()
+    with open("train.log", "a") as log:
+        log.write(f"end {time.time()}\\n")
+
 globals()[sys.argv[1]]()
 '''
 
@@ -104,6 +136,56 @@ DEMO_STAGES: dict[str, Any] = {
     "evaluate": {"cmd": f"{PY} stages.py evaluate", "deps": ["model.txt"], "outs": ["grids"],
                  "metrics": [{"metrics/eval.json": {"cache": False}}]},
 }
+
+
+# The real pipeline shrunk to a few steps and samples (as tests/test_pipeline.py does).
+TINY_PARAMS: dict[str, Any] = {
+    "shard": {"shard_size": 100},
+    "fid_ref": {"feature_space": "pixel"},
+    "train": {"max_steps": 4, "checkpoint_every": 2, "log_every": 2, "global_batch": 16, "per_device_batch": 16,
+              "schedule": {"warmup_steps": 2, "hold_until_step": 3, "decay_until_step": 4, "final_lr_factor": 0.5}},
+    "sweep": {"num_images": 20, "max_extra_steps": 1, "solver": "euler", "steps": 3, "block_size": 10},
+    "evaluate": {"num_images": 20, "solver": "euler", "steps": 3, "block_size": 10, "grid_per_class": 2},
+}
+
+
+def _merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def _tool_env() -> dict[str, str]:
+    """The environment of a user's shell: the project's tools on PATH, this test's Prefect server."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
+            "PREFECT_API_URL": PREFECT_API_URL.value()}
+
+
+def _run(repo: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(args, cwd=repo, env=_tool_env(), capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def _fresh_clone_after_demo(path: Path) -> Path:
+    """A newcomer's state: the project's files in one commit, then `dvc repro` (what `scripts/demo`
+    runs), nothing committed since, so dvc.lock and the uncached metrics are untracked files."""
+    files = _git(ROOT, "ls-files", "-co", "--exclude-standard").split()
+    for name in files:
+        if (ROOT / name).is_file():
+            (path / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, path / name)
+    params_file = path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(_merge(yaml.safe_load(params_file.read_text()), TINY_PARAMS)))
+    _git(path, "init", "-q")
+    _git(path, "add", "-A")
+    _git(path, "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "clone")
+    _run(path, "dvc", "repro")
+    assert {"dvc.lock", "metrics/"} <= set(_git(path, "status", "--porcelain").replace("?? ", "").split())
+    return path
 
 
 def _git(repo: Path, *args: str) -> str:
@@ -199,6 +281,22 @@ def _wait_until(condition: Callable[[], bool], seconds: float, every: float = 0.
 def test_terminal_line_keeps_last_progress_state() -> None:
     assert _terminal_line(b"step 1\r step 2\rstep 3\r\n") == "step 3"
     assert _terminal_line("caf\u00e9\n".encode()) == "caf\u00e9"
+
+
+def test_which_runs_may_train() -> None:
+    """The dvc.yaml of this repository: train reads the `train` section, evaluate `evaluate`."""
+    def plan(changed: bool | None) -> list[PlannedStage]:
+        return [PlannedStage("shard", (), (("params.yaml", "shard"),), False),
+                PlannedStage("train", (), (("params.yaml", "train"),), changed),
+                PlannedStage("evaluate", (), (("params.yaml", "evaluate"),), True)]
+
+    assert not may_train(plan(False), {})
+    assert not may_train(plan(False), {"evaluate.num_images": 300})
+    assert may_train(plan(False), {"train.base_lr": 0.001})
+    assert may_train(plan(False), {"params.yaml:train.schedule.warmup_steps": 5})
+    assert may_train(plan(True), {})
+    assert may_train(plan(None), {"evaluate.num_images": 300})  # DVC's lock was held: cannot tell
+    assert not may_train(plan(None)[2:], {"train.base_lr": 0.001})  # no train stage planned
 
 
 def test_runs_stages_in_dvc_order_publishes_artifacts_and_reruns_nothing(
@@ -368,3 +466,106 @@ def test_served_deployment_runs_on_cron_and_cancel_kills_the_stage_group(
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_flow_experiments_keep_their_metrics_from_a_fresh_clone(harness: None, tmp_path: Path) -> None:
+    """Two flow runs with different `--set` values after the demo, nothing committed: both
+    experiments hold their params and metrics, and DVC can diff them."""
+    repo = _fresh_clone_after_demo(tmp_path / "clone")
+    for seed in (1, 2):
+        _run(repo, sys.executable, "-m", "flows.pipeline", "run", "--repo", str(repo), "--retry-delay", "0",
+             "--set", f"evaluate.seed={seed}", "--exp-name", f"seed-{seed}")
+
+    shown = json.loads(_run(repo, "dvc", "exp", "show", "--json").stdout)
+    experiments = {exp["name"]: exp["revs"][0]["data"] for base in shown for exp in base.get("experiments") or []}
+    assert set(experiments) == {"seed-1", "seed-2"}
+    for seed in (1, 2):
+        data = experiments[f"seed-{seed}"]
+        assert data["params"]["params.yaml"]["data"]["evaluate"]["seed"] == seed
+        for name in ("metrics/eval.json", "metrics/sweep.json", "metrics/train.json", "metrics/shard.json"):
+            assert "data" in data["metrics"][name], (name, data["metrics"][name])
+        assert data["metrics"]["metrics/eval.json"]["data"]["generation"]["num_images"] == 20
+
+    params_diff = json.loads(_run(repo, "dvc", "params", "diff", "seed-1", "seed-2", "--json").stdout)
+    assert params_diff["params.yaml"]["evaluate.seed"] == {"old": 1, "new": 2, "diff": 1}
+    metrics_diff = json.loads(_run(repo, "dvc", "metrics", "diff", "seed-1", "seed-2", "--json").stdout)
+    changed = metrics_diff.get("metrics/eval.json", {})
+    assert changed and all(entry["old"] is not None and entry["new"] is not None for entry in changed.values())
+
+
+def test_training_runs_on_one_node_queue_and_show_progress(harness: None, make_repo: Callable[..., Path]) -> None:
+    """Two flow runs that train in one workspace, from the CLI, without retries: the second waits
+    for the node's training slot instead of failing on DVC's lock, then trains and completes. While
+    the first trains, its progress artifact shows the logged step."""
+    repo = make_repo({
+        "prepare": DEMO_STAGES["prepare"],
+        "train": {"cmd": f"{PY} stages.py gated_train", "deps": ["data"], "params": ["train.scale"],
+                  "outs": ["model.txt"], "metrics": [{"metrics/train.json": {"cache": False}}]},
+    })
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+
+    def start(name: str, *args: str) -> tuple[subprocess.Popen[bytes], Path]:
+        out = repo.parent / f"{name}.out"
+        with open(out, "wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "flows.pipeline", "run", "--repo", str(repo), "--retries", "0", *args],
+                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return process, out
+
+    def progress() -> list[tuple[float, str]]:
+        with get_client(sync_client=True) as client:
+            found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[PROGRESS_KEY])))
+        return [(float(a.data), a.description or "") for a in found]
+
+    train_log = repo / "train.log"
+    first, first_out = start("first")
+    second = None
+    try:
+        assert _wait_until(lambda: train_log.is_file(), 120, every=0.2), first_out.read_text()
+        assert _wait_until(lambda: (50.0, "training: step 2 / 4, loss 0.5, 100.0 images/s") in progress(), 60,
+                           every=0.5), progress()
+        second, second_out = start("second", "--set", "train.scale=3", "--exp-name", "scale3")
+        assert _wait_until(lambda: "waiting for a slot of concurrency limit" in second_out.read_text(), 120,
+                           every=0.2), second_out.read_text()
+        time.sleep(3)  # the second run must stay queued, not fail, while the first still trains
+        assert second.poll() is None, second_out.read_text()
+        (repo / "go").touch()
+        assert first.wait(timeout=300) == 0, first_out.read_text()
+        assert second.wait(timeout=300) == 0, second_out.read_text()
+    finally:
+        for process in (first, second):
+            if process is not None and process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+
+    events = [line.split() for line in train_log.read_text().splitlines()]
+    assert [kind for kind, _ in events] == ["start", "end", "start", "end"]
+    assert float(events[1][1]) <= float(events[2][1])  # the second trained after the first
+    assert (repo / "model.txt").read_text() == "18"  # scale 3 x (1 + 2 + 3)
+    assert (100.0, "training: step 4 / 4, loss 0.25, 200.0 images/s") in progress()
+
+
+def test_prefect_yaml_deploys_to_a_work_pool_whose_worker_runs_the_pipeline(
+    harness: None, make_repo: Callable[..., Path]
+) -> None:
+    """The commands of prefect.yaml's header, in a checkout that holds the flow: create the pool,
+    deploy, run the deployment, and a worker started on the node runs it in that checkout."""
+    repo = make_repo({"plain": {"cmd": f"{PY} stages.py plain", "outs": ["plain.txt"]}})
+    shutil.copytree(ROOT / "flows", repo / "flows", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(ROOT / "prefect.yaml", repo / "prefect.yaml")
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "UNITE_REPO": str(repo)}
+    prefect = str(Path(sys.executable).parent / "prefect")
+    for args in (["work-pool", "create", "gpu-nodes", "--type", "process"], ["--no-prompt", "deploy", "--all"]):
+        done = subprocess.run([prefect, *args], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("unite-pipeline/unite-cluster")
+    assert deployment.work_pool_name == "gpu-nodes"
+    flow_run = run_deployment(deployment.id, timeout=0)
+    worker = subprocess.run([prefect, "worker", "start", "--pool", "gpu-nodes", "--run-once"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(flow_run.id).state
+    assert state is not None and state.is_completed(), worker.stdout + worker.stderr
+    assert (repo / "plain.count").read_text() == "1"

@@ -1,0 +1,147 @@
+"""Expected failures as one line, and the torchrun launcher of the multi-process stages.
+
+An expected failure is a bad param, a missing file or an unreadable input: an exception of one of
+the project's own classes (`ConfigError`, `DataError`, ...), or `FileNotFoundError`. Each stage's
+`__main__` runs under `run_stage`, which prints such a failure as one line on stderr,
+`error: <stage>: <message>; <what to do>`, and exits 1; any other exception is a bug and keeps its
+traceback.
+
+    python -m stages.launch train      # likewise sweep, evaluate
+
+validates params.yaml, then runs `torchrun --standalone --nproc-per-node <section.nproc_per_node>
+-m stages.<stage>` in this process (`torch.distributed.run`). Workers hand their expected failure
+to the launcher instead of printing it, so that N ranks failing alike give one line and torchrun's
+error report is left out; a worker stopped by a signal (a preempted training run) makes the
+launcher exit with that worker's status; anything else is reported by torchrun as usual, with the
+worker's traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from stages.params import PARAMS_FILE, load_params
+from unite.config import ConfigError
+
+# Where a worker started by `launch` leaves its expected failure (one file per rank).
+FAILURE_DIR_ENV = "UNITE_STAGE_FAILURES"
+EXPECTED_EXIT = 1
+TORCHRUN_STAGES = ("train", "sweep", "evaluate")
+_PROJECT_PACKAGES = ("unite", "stages")
+
+
+def is_expected(error: BaseException) -> bool:
+    """Whether `error` is a failure the user can fix from its message (not a bug)."""
+    return isinstance(error, FileNotFoundError) or type(error).__module__.split(".")[0] in _PROJECT_PACKAGES
+
+
+def failure_line(stage: str, error: BaseException) -> str:
+    """`error: <stage>: <message>; <what to do>` on one line."""
+    message = " ".join(part.strip() for part in str(error).splitlines() if part.strip()) or type(error).__name__
+    if isinstance(error, ConfigError):
+        message += f"; fix it in {PARAMS_FILE} and rerun"
+    elif isinstance(error, FileNotFoundError):
+        message += "; check the path, or run the stages that write it first (`dvc repro`)"
+    return f"error: {stage}: {message}"
+
+
+def _stage_name() -> str:
+    return Path(sys.argv[0]).stem
+
+
+def run_stage(main: Callable[[], None]) -> None:
+    """Run a stage's `main`; an expected failure becomes one line and exit status 1."""
+    try:
+        main()
+    except Exception as error:
+        if not is_expected(error):
+            raise
+        line = failure_line(_stage_name(), error)
+        failure_dir = os.environ.get(FAILURE_DIR_ENV)
+        if failure_dir:
+            Path(failure_dir, f"rank{os.environ.get('RANK', '0')}").write_text(line)
+        else:
+            print(line, file=sys.stderr)
+        sys.exit(EXPECTED_EXIT)
+
+
+class _HeldRecords(logging.Handler):
+    """Stands in for a logger's handlers and keeps its records until it is known whether they
+    are worth showing (torchrun's warnings and its error report are not, for an expected failure)."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        super().__init__()
+        self.logger, self.handlers = logger, list(logger.handlers)
+        self.records: list[logging.LogRecord] = []
+
+    def __enter__(self) -> _HeldRecords:
+        self.logger.handlers = [self]
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.logger.handlers = self.handlers
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def replay(self) -> None:
+        for record in self.records:
+            for handler in self.handlers:
+                handler.handle(record)
+
+
+def _signal_status(exitcode: int) -> int | None:
+    """The shell's exit status of a worker stopped by a signal, or that exited as if it was."""
+    if exitcode < 0:
+        return 128 - exitcode
+    return exitcode if exitcode > 128 else None
+
+
+def launch(stage: str) -> int:
+    """Validate params, then run the stage's module under torchrun; returns the exit status."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    try:
+        nproc = load_params()[stage]["nproc_per_node"]
+    except ConfigError as error:
+        print(failure_line(stage, error), file=sys.stderr)
+        return EXPECTED_EXIT
+    with _HeldRecords(logging.getLogger("torch.distributed")) as held, \
+            tempfile.TemporaryDirectory(prefix="unite-failures-") as failure_dir:
+        os.environ[FAILURE_DIR_ENV] = failure_dir
+        try:
+            run(parse_args(["--standalone", "--nproc-per-node", str(nproc), "-m", f"stages.{stage}"]))
+        except ChildFailedError as failed:
+            lines = sorted({p.read_text() for p in Path(failure_dir).iterdir()})
+            if lines:
+                print("\n".join(lines), file=sys.stderr)
+                return EXPECTED_EXIT
+            held.replay()
+            statuses = [_signal_status(f.exitcode) for f in failed.failures.values()]
+            if all(statuses):
+                return statuses[0]
+            raise
+        except SignalException as stopped:  # the launcher itself was told to stop
+            held.replay()
+            return 128 + int(stopped.sigval)
+        finally:
+            del os.environ[FAILURE_DIR_ENV]
+        held.replay()
+        return 0
+
+
+def main() -> None:
+    if len(sys.argv) != 2 or sys.argv[1] not in TORCHRUN_STAGES:
+        sys.exit(f"usage: python -m stages.launch {{{','.join(TORCHRUN_STAGES)}}}")
+    sys.exit(launch(sys.argv[1]))
+
+
+if __name__ == "__main__":
+    main()
