@@ -14,6 +14,7 @@ import os
 import pickle
 import re
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,11 @@ def load_torch_file(path: str | Path, opt_in: str | None, trust_pickle: bool = F
         with torch.serialization.safe_globals(ALLOWED_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        if not zipfile.is_zipfile(path) and not trust_pickle:
+            # torch.save has written zip archives since torch 1.6; garbage read as a legacy pickle
+            # "names" random globals, so a file that is no archive is reported as damaged (and
+            # still refused), not as a file that wants to run code.
+            raise ValueError(f"{path}: not a torch.save archive (truncated or damaged): {_first_line(error)}") from None
         wanted = _wanted_objects(path, error)
     if not trust_pickle:
         remedy = f"if you trust this file, opt in with {opt_in}" if opt_in else "the file must hold only those"
@@ -86,6 +92,10 @@ def _wanted_objects(path: Path, error: pickle.UnpicklingError) -> str:
         return ", ".join(sorted(set(names)))
     detail = message.split("WeightsUnpickler error:", 1)[-1].strip()
     return detail.splitlines()[0] if detail else "objects beyond tensors and plain values"
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def trust_pickle_from_env(variable: str) -> bool:
