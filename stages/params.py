@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from unite.config import ConfigError
-from unite.fid import FEATURE_SPACES
+from unite.options import FEATURE_SPACES, NORM_ORDERS, SHARD_STORES, SOLVERS
 from unite.train import TrainConfig, accumulation_steps
 
 PARAMS_FILE = Path("params.yaml")
@@ -33,12 +33,12 @@ SCHEMA: dict[str, dict[str, Any]] = {
                  "lpips": bool},
 }
 CHOICES = {
-    ("shard", "store"): ("png", "npy", "source"),
+    ("shard", "store"): SHARD_STORES,
     ("fid_ref", "feature_space"): FEATURE_SPACES,
-    ("sweep", "norm_order"): ("norm_first", "cfg_first", "both"),
+    ("sweep", "norm_order"): NORM_ORDERS,
     ("sweep", "search_set"): ("separate", "reported"),
-    ("sweep", "solver"): ("dopri5", "heun", "euler"),
-    ("evaluate", "solver"): ("dopri5", "heun", "euler"),
+    ("sweep", "solver"): SOLVERS,
+    ("evaluate", "solver"): SOLVERS,
 }
 
 

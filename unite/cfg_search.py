@@ -15,13 +15,14 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from unite.options import NORM_ORDERS
+
 Interval = tuple[float, float]
 Evaluate = Callable[[float, Interval, str], float]
 
 DEFAULT_START = 3.4
 DEFAULT_INTERVAL: Interval = (0.1, 1.0)
 DEFAULT_NORM_ORDER = "norm_first"
-NORM_ORDERS = ("norm_first", "cfg_first", "both")
 TSV_COLUMNS = ("index", "stage", "cfg_scale", "interval_low", "interval_high", "norm_order")
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from unite.options import NORM_ORDERS, SOLVERS
+
 
 def _parity(args: argparse.Namespace) -> int:
     from unite.parity import run_parity
@@ -162,8 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="image i's noise depends only on (seed, i)")
     gen.add_argument("--cfg-scale", type=float, default=1.0)
     gen.add_argument("--interval", type=float, nargs=2, default=(0.1, 1.0), metavar=("LOW", "HIGH"))
-    gen.add_argument("--norm-order", default="norm_first", choices=["norm_first", "cfg_first", "both"])
-    gen.add_argument("--solver", default="dopri5", choices=["dopri5", "heun", "euler"])
+    gen.add_argument("--norm-order", default="norm_first", choices=NORM_ORDERS)
+    gen.add_argument("--solver", default="dopri5", choices=SOLVERS)
     gen.add_argument("--steps", type=int, default=49, help="steps of the fixed-step solvers")
     gen.add_argument("--block-size", type=int, default=64, help="images sampled together")
     gen.add_argument("--npz", help="also write all images as one uint8 (N, H, W, 3) npz")

@@ -29,6 +29,8 @@ from threadpoolctl import threadpool_limits
 from torch import Tensor
 from tqdm import tqdm
 
+from unite.options import FEATURE_SPACES
+
 from unite.safe_load import UntrustedPickleError, load_torch_file
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -42,7 +44,6 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 IS_SHUFFLE_SEED = 2020
 # Feature-space kinds: params name a kind; statistics files and metrics carry the space's full name,
 # "<kind>" or "<kind>-<details>" (e.g. "inception-v3-compat", "pixel-8x8"), which feature_space_kind reads.
-FEATURE_SPACES = ("inception", "pixel", "classifier")
 # The first 8 hex digits of the sha256 of the official weights files (torch hub's naming rule).
 INCEPTION_WEIGHTS_SHA256_PREFIX = "6726825d"
 

@@ -15,10 +15,11 @@ from torch import Tensor
 from torchdiffeq import odeint
 
 from unite.model import UNITE, shift_time
+from unite.options import NORM_ORDERS, SOLVERS
 
-NORM_ORDERS = ("norm_first", "cfg_first", "both")
 # Our solver name -> torchdiffeq method.
-SOLVERS = {"dopri5": "dopri5", "euler": "euler", "heun": "heun2"}
+# torchdiffeq's name of each solver
+METHODS = {"dopri5": "dopri5", "euler": "euler", "heun": "heun2"}
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ def sample_latents(
     take `steps` steps on a grid of steps + 1 shifted times. `eps` clamps 1 - t in the drift
     (default cfg.velocity_eps)."""
     if solver not in SOLVERS:
-        raise ValueError(f"solver={solver!r}: must be one of {sorted(SOLVERS)}")
+        raise ValueError(f"solver={solver!r}: must be one of {list(SOLVERS)}")
     if solver != "dopri5" and steps < 1:
         raise ValueError(f"steps={steps}: must be >= 1")
     model.check_labels(labels, allow_null=True)
@@ -119,7 +120,7 @@ def sample_latents(
         x_hat = guided_prediction(model, x, t_batch, labels, guidance)
         return model.velocity(x_hat.to(x.dtype), x, t_batch, eps)
 
-    path = odeint(drift, noise, grid, method=SOLVERS[solver], atol=atol, rtol=rtol)
+    path = odeint(drift, noise, grid, method=METHODS[solver], atol=atol, rtol=rtol)
     return path[-1], nfe
 
 

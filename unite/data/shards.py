@@ -36,11 +36,11 @@ from webdataset import TarWriter
 from unite.data.errors import DataError
 from unite.data.image import center_crop, decode, encode_png, to_rgb
 from unite.data.manifest import read_manifest
+from unite.options import SHARD_STORES
 
 SHARD_FORMAT = "unite-shards/2"
 INDEX_NAME = "index.json"
 PROGRESS_NAME = "progress.jsonl"
-STORES = ("png", "npy", "source")
 # Fixed tar member mtime (the epoch): with it, shards are byte-reproducible.
 SHARD_MTIME = 0
 # Field names of a sample besides the image, whose field is named after its format.
@@ -251,8 +251,8 @@ def write_shards(
             raise DataError(f"{field}={value!r}: must be a positive integer")
     if not isinstance(png_level, int) or isinstance(png_level, bool) or not 0 <= png_level <= 9:
         raise DataError(f"png_level={png_level!r}: must be an integer from 0 to 9")
-    if store not in STORES:
-        raise DataError(f"store={store!r}: must be one of {STORES}")
+    if store not in SHARD_STORES:
+        raise DataError(f"store={store!r}: must be one of {SHARD_STORES}")
     if not root.is_dir():
         raise DataError(f"{root}: image-folder root does not exist or is not a directory")
     listing = read_manifest(manifest)
