@@ -6,13 +6,15 @@ Each error names the key (as `section.key`), the value and the rule.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from unite.config import ConfigError
 from unite.options import FEATURE_SPACES, NORM_ORDERS, SHARD_STORES, SOLVERS
-from unite.train import TrainConfig, accumulation_steps
+
+if TYPE_CHECKING:
+    from unite.train import TrainConfig
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -93,32 +95,17 @@ def _check_wide_point(key: str, point: Any) -> None:
     _check_interval(f"{key}.interval", point["interval"])
 
 
-def train_config(section: dict[str, Any], out_dir: str, data: dict[str, Any]) -> TrainConfig:
+def train_config(section: dict[str, Any], out_dir: str, data: dict[str, Any]) -> "TrainConfig":
     """The trainer's config from the train section (stage-level keys removed)."""
+    from unite.train import TrainConfig  # the trainer's code only where the train section is read
+
     values = {k: v for k, v in section.items() if k not in TRAIN_STAGE_KEYS}
     return TrainConfig.from_dict({**values, "out_dir": out_dir, "data": data})
 
 
-def validate(params: Any) -> dict[str, Any]:
-    if not isinstance(params, dict):
-        raise ConfigError(f"{PARAMS_FILE}: expected a mapping of stage sections")
-    sections = set(SCHEMA) | {"train"}
-    unknown = sorted(set(params) - sections)
-    missing = sorted(sections - set(params))
-    if unknown:
-        raise ConfigError(f"{PARAMS_FILE}: unknown sections {unknown}; known sections: {sorted(sections)}")
-    if missing:
-        raise ConfigError(f"{PARAMS_FILE}: missing sections {missing}")
-    for name, schema in SCHEMA.items():
-        _check_section(name, params[name], schema)
-    for name in ("sweep", "evaluate"):
-        if params[name]["nproc_per_node"] < 1:
-            raise ConfigError(f"{name}.nproc_per_node={params[name]['nproc_per_node']}: must be >= 1")
-    _check_interval("sweep.interval", params["sweep"]["interval"])
-    for number, point in enumerate(params["sweep"]["wide"]):
-        _check_wide_point(f"sweep.wide[{number}]", point)
+def _check_train(train: Any, shard_image_size: int | None) -> None:
+    from unite.train import accumulation_steps
 
-    train = params["train"]
     if not isinstance(train, dict):
         raise ConfigError(f"train: expected a mapping, got {train!r}")
     for key, expected in TRAIN_STAGE_KEYS.items():
@@ -131,16 +118,66 @@ def validate(params: Any) -> dict[str, Any]:
         accumulation_steps(cfg.global_batch, cfg.per_device_batch, train["nproc_per_node"])
     except ConfigError as error:
         raise ConfigError(f"train.{error}") from None
-    if cfg.model.image_size != params["shard"]["image_size"]:
+    if shard_image_size is not None and cfg.model.image_size != shard_image_size:
         raise ConfigError(
             f"train.model.image_size={cfg.model.image_size}: must equal shard.image_size="
-            f"{params['shard']['image_size']} (the shards hold images of that size)"
+            f"{shard_image_size} (the shards hold images of that size)"
         )
+
+
+def validate(params: Any, sections: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Check the file's sections and validate the named ones (all by default)."""
+    if not isinstance(params, dict):
+        raise ConfigError(f"{PARAMS_FILE}: expected a mapping of stage sections")
+    known = set(SCHEMA) | {"train"}
+    unknown = sorted(set(params) - known)
+    missing = sorted(known - set(params))
+    if unknown:
+        raise ConfigError(f"{PARAMS_FILE}: unknown sections {unknown}; known sections: {sorted(known)}")
+    if missing:
+        raise ConfigError(f"{PARAMS_FILE}: missing sections {missing}")
+    sections = tuple(known) if sections is None else sections
+    for name in sections:
+        if name in SCHEMA:
+            _check_section(name, params[name], SCHEMA[name])
+    for name in {"sweep", "evaluate"} & set(sections):
+        if params[name]["nproc_per_node"] < 1:
+            raise ConfigError(f"{name}.nproc_per_node={params[name]['nproc_per_node']}: must be >= 1")
+    if "sweep" in sections:
+        _check_interval("sweep.interval", params["sweep"]["interval"])
+        for number, point in enumerate(params["sweep"]["wide"]):
+            _check_wide_point(f"sweep.wide[{number}]", point)
+    if "train" in sections:
+        _check_train(params["train"], params["shard"]["image_size"] if "shard" in sections else None)
     return params
+
+
+# The params.yaml sections each stage reads, as dvc.yaml declares them (tests/test_dvc_deps.py
+# checks the two agree): a stage validates these only, so it runs none of the other stages' code.
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "demo_data": ("demo_data",),
+    "manifest": ("manifest",),
+    "shard": ("manifest", "shard"),
+    "fid_ref": ("fid_ref",),
+    "train": ("train", "shard"),
+    "sweep": ("sweep", "fid_ref", "evaluate"),
+    "evaluate": ("evaluate", "fid_ref"),
+}
+
+
+def _read(path: Path) -> Any:
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found (run the stages from the repository root)")
+    return yaml.safe_load(path.read_text())
 
 
 def load_params(path: Path = PARAMS_FILE) -> dict[str, Any]:
     """All sections of params.yaml, validated."""
-    if not path.is_file():
-        raise ConfigError(f"{path}: not found (run the stages from the repository root)")
-    return validate(yaml.safe_load(path.read_text()))
+    return validate(_read(path))
+
+
+def load_stage_params(stage: str, path: Path = PARAMS_FILE) -> dict[str, Any]:
+    """The sections `stage` reads, validated; reading any other section is a KeyError."""
+    sections = STAGE_SECTIONS[stage]
+    params = validate(_read(path), sections)
+    return {name: params[name] for name in sections}
