@@ -189,3 +189,17 @@ def test_dvc_config_points_at_a_committed_offline_template():
     assert page.count("{plot_divs}") == 1 and "{scripts}" not in page
     assert external_urls(page) == []
     assert "window.vegaEmbed=" in page
+
+
+def test_the_prefect_summary_links_the_report_and_shows_its_grid_small(tmp_path):
+    from flows.pipeline import PREVIEW_SIDE, _report_section
+
+    assert "not found" in "\n".join(_report_section(tmp_path))
+    (tmp_path / "reports" / "figures").mkdir(parents=True)
+    (tmp_path / "reports" / "report.html").write_text("<html></html>")
+    Image.fromarray(np.zeros((640, 1280, 3), np.uint8)).save(tmp_path / "reports" / "figures" / "samples.png")
+    section = "\n".join(_report_section(tmp_path))
+    assert f"({(tmp_path / 'reports' / 'report.html').as_uri()})" in section
+    encoded = section.split("](data:image/png;base64,", 1)[1].split(")", 1)[0]
+    with Image.open(io.BytesIO(base64.b64decode(encoded))) as preview:
+        assert preview.format == "PNG" and preview.size == (PREVIEW_SIDE, PREVIEW_SIDE // 2)
