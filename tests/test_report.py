@@ -63,12 +63,12 @@ def test_reconstruction_grid_puts_each_original_above_its_reconstruction():
     originals = torch.arange(count).float().div(10).view(count, 1, 1, 1).expand(count, 3, size, size)
     reconstructions = 1 - originals
     grid = np.asarray(reconstruction_grid(originals, reconstructions, columns=3, padding=pad))
-    # 2 pairs of rows (3 + 2 images), 3 columns, padding around every cell.
-    assert grid.shape == (4 * (size + pad) + pad, 3 * (size + pad) + pad, 3)
+    # 2 pairs of rows (3 + 2 images), 3 columns, padding around every cell, 3 paddings more between pairs.
+    assert grid.shape == (4 * (size + pad) + pad + 3 * pad, 3 * (size + pad) + pad, 3)
     for index in range(count):
         pair, column = divmod(index, 3)
         left = pad + column * (size + pad)
-        top = pad + 2 * pair * (size + pad)
+        top = pad + pair * (2 * (size + pad) + 3 * pad)
         original = grid[top : top + size, left : left + size]
         below = grid[top + size + pad : top + 2 * size + pad, left : left + size]
         assert (original == round(index / 10 * 255)).all(), index

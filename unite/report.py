@@ -127,7 +127,7 @@ def enlarged(image: Image.Image, min_side: int = MIN_GRID_SIDE) -> Image.Image:
 def reconstruction_grid(originals: torch.Tensor, reconstructions: torch.Tensor, columns: int = 8,
                         padding: int = 2) -> Image.Image:
     """[0, 1] (N, 3, H, W) images as rows of `columns` originals, each above a row of their
-    reconstructions, on a white background."""
+    reconstructions, on a white background; pairs of rows are `3 * padding` further apart."""
     if originals.shape != reconstructions.shape or originals.ndim != 4:
         raise ValueError(f"originals {tuple(originals.shape)} and reconstructions {tuple(reconstructions.shape)}: "
                          "must be the same (N, 3, H, W) shape")
@@ -135,12 +135,13 @@ def reconstruction_grid(originals: torch.Tensor, reconstructions: torch.Tensor, 
     columns = min(columns, count)
     pairs = math.ceil(count / columns)
     cell_h, cell_w = height + padding, width + padding
-    canvas = torch.ones(channels, pairs * 2 * cell_h + padding, columns * cell_w + padding)
+    pair_h = 2 * cell_h + 3 * padding
+    canvas = torch.ones(channels, pairs * pair_h - 2 * padding, columns * cell_w + padding)
     for index in range(count):
         pair, column = divmod(index, columns)
         left = padding + column * cell_w
-        for row, source in ((2 * pair, originals), (2 * pair + 1, reconstructions)):
-            top = padding + row * cell_h
+        for row, source in ((0, originals), (1, reconstructions)):
+            top = padding + pair * pair_h + row * cell_h
             canvas[:, top : top + height, left : left + width] = source[index].clamp(0, 1)
     pixels = (canvas * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     return Image.fromarray(np.ascontiguousarray(pixels))
