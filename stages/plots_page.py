@@ -18,7 +18,6 @@ TEMPLATE = Path(".dvc/plots.html")
 VEGA_LITE = "5.21"
 # The bundle runs inside a function, so that its top-level names cannot clash with the global
 # `var spec` of each plot's script that DVC inserts.
-
 PAGE = """<!DOCTYPE html>
 <html>
 <head>
