@@ -1,6 +1,6 @@
 """Figures of a run and one self-contained HTML page about it, viewable offline.
 
-The figures are PNGs drawn with matplotlib's Agg backend (no display needed): training curves
+The figures are PNGs drawn by matplotlib outside pyplot (no display, no global state): training curves
 from the trainer's metrics table, the CFG sweep's metric against the guidance scale, and image
 grids. The report embeds them as data URIs next to the params, the metrics and the provenance,
 so the single file opens by a double click on a machine without network.
@@ -22,13 +22,10 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # before pyplot: no display on a GPU node
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from PIL import Image
 
 # Image grids whose shorter side is below this are enlarged (nearest neighbour, integer factor),
 # so that the demo's 16-pixel digits can be seen.
@@ -48,11 +45,15 @@ def _column(rows: Sequence[Mapping[str, str]], name: str, path: str | Path) -> l
     return [float(row[name]) for row in rows]
 
 
-def _save(figure: plt.Figure, out: Path) -> None:
+def _axes() -> tuple[Figure, Any]:
+    """A figure outside pyplot: no global state, no display, drawn by the Agg canvas."""
+    figure = Figure(figsize=(6.4, 4.0), layout="tight")
+    return figure, figure.subplots()
+
+
+def _save(figure: Figure, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    figure.tight_layout()
     figure.savefig(out, dpi=DPI, format="png")
-    plt.close(figure)
 
 
 def curve_figure(
@@ -64,7 +65,7 @@ def curve_figure(
         raise ValueError(f"{table}: no rows to plot")
     steps = _column(rows, "step", table)
     values = {column: _column(rows, column, table) for column in columns}
-    figure, axes = plt.subplots(figsize=(6.4, 4.0))
+    figure, axes = _axes()
     for column, label in columns.items():
         axes.plot(steps, values[column], label=label, marker="." if len(rows) < 30 else None)
     if log and all(v > 0 for series in values.values() for v in series):  # a log axis needs positive values
@@ -79,7 +80,7 @@ def curve_figure(
 def cfg_figure(sweep_table: str | Path, metric: str, chosen: Mapping[str, Any], out: str | Path) -> None:
     """The sweep's metric against the CFG scale: one series per (CFG interval, normalisation order),
     the chosen setting circled."""
-    figure, axes = plt.subplots(figsize=(6.4, 4.0))
+    figure, axes = _axes()
     for label, points in cfg_series(read_table(sweep_table), metric, sweep_table).items():
         scales, values = zip(*points)
         axes.plot(scales, values, marker="o", linestyle="-" if len(points) > 1 else "none", label=label)
