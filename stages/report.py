@@ -43,7 +43,7 @@ def main() -> None:
                  figures["Training losses"], "Training losses", "loss", log=True)
     curve_figure(TRAIN_TSV, {"lr": "learning rate"}, figures["Learning rate"], "Learning rate", "lr")
     curve_figure(TRAIN_TSV, {"grad_norm": "before clipping"}, figures["Gradient norm"], "Gradient norm",
-                 "grad norm")
+                 "grad norm", log=True)
     sweep = json.loads(SWEEP_JSON.read_text())
     cfg_figure(SWEEP_TSV, sweep["metric"], sweep["chosen"], figures["Metric vs CFG scale"])
     enlarged(Image.open(SAMPLES / "grid.png").convert("RGB")).save(figures["Samples (a row per class)"])
