@@ -17,12 +17,12 @@ from stages.params import load_params
 from stages.shard import OUT as SHARDS
 from stages.sweep import METRICS_JSON as SWEEP_JSON
 from stages.sweep import METRICS_TSV as SWEEP_TSV
-from stages.train import METRICS_JSON as TRAIN_JSON
-from stages.train import METRICS_TSV as TRAIN_TSV
 from unite.evaluation import load_exported_model, reconstruct
 from unite.report import (cfg_figure, curve_figure, device_name, enlarged, git_state, package_versions, params_hash,
                           read_table, reconstruction_grid, render_report)
 
+TRAIN_TSV = Path("metrics/train.tsv")
+TRAIN_JSON = Path("metrics/train.json")
 FIGURES = Path("reports/figures")
 REPORT = Path("reports/report.html")
 RECON_IMAGES = 16  # the first validation images, in shard order
