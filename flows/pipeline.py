@@ -57,7 +57,8 @@ Artifacts
     markdown summary (`unite-summary`: plan, what each stage did, params, experiment, metrics,
     sample-grid paths) and a table of `dvc metrics show --json` (`unite-metrics`). Image
     artifacts only render public URLs, so grids (image files among the planned stages' outputs)
-    are published as paths on the host that ran the flow.
+    are published as paths on the host that ran the flow. The summary also links
+    reports/report.html and shows the report's sample grid small, as a data: URI.
 
 CLI
     python -m flows.pipeline run [--target evaluate] [--set train.lr=0.001 ...] [--exp-name N]
@@ -65,6 +66,8 @@ CLI
 """
 
 import argparse
+import base64
+import io
 import json
 import os
 import queue
@@ -83,6 +86,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import yaml
+from PIL import Image
 from prefect import flow, get_client, get_run_logger, task
 from prefect.artifacts import (
     create_markdown_artifact,
@@ -108,6 +112,9 @@ LOCK_MESSAGE = "Unable to acquire lock"
 TRANSIENT_SIGNALS = (signal.SIGKILL, signal.SIGTERM)
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".gif", ".webp", ".svg"})
 MAX_IMAGES_PER_OUT = 20
+REPORT = Path("reports/report.html")
+REPORT_GRID = Path("reports/figures/samples.png")
+PREVIEW_SIDE = 480
 POLL_S = 0.2
 TRAIN_STAGE = "train"
 TRAIN_METRICS = Path("metrics/train.json")  # the train stage's latest log row, kept current while it runs
@@ -532,6 +539,23 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def _report_section(root: Path) -> list[str]:
+    """A link to the run's self-contained report and a small copy of its sample grid, inline as a
+    data: URI (the UI renders those; it cannot show paths on the host)."""
+    report = root / REPORT
+    if not report.is_file():
+        return ["## Report", f"`{REPORT}` not found (no report stage ran)."]
+    parts = ["## Report", f"[{report}]({report.as_uri()}): one self-contained page; open it on the host above "
+             "(browsers do not follow file links from a web page: copy the path)."]
+    if (root / REPORT_GRID).is_file():
+        with Image.open(root / REPORT_GRID) as grid:
+            grid.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
+            png = io.BytesIO()
+            grid.save(png, format="PNG")
+        parts.append(f"![sample grid](data:image/png;base64,{base64.b64encode(png.getvalue()).decode()})")
+    return parts
+
+
 @task(name="publish", **_TASK_OPTIONS)
 def publish(
     repo_dir: str,
@@ -572,6 +596,7 @@ def publish(
         "## Sample grids",
         "Paths relative to the repository on the host above.",
         _md_table(["stage", "path"], [(s, f"`{p}`") for s, p in grids]) if grids else "None found.",
+        *_report_section(root),
     ]
     create_markdown_artifact("\n\n".join(parts), key=SUMMARY_KEY, description="pipeline run summary")
     return metrics

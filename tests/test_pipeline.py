@@ -93,7 +93,7 @@ def repo(tmp_path_factory) -> Repo:
 
 
 def test_repro_runs_every_stage_and_reports_metrics(repo):
-    for stage in ["demo_data", "manifest", "shard", "fid_ref", "train", "export", "sweep", "evaluate"]:
+    for stage in ["demo_data", "manifest", "shard", "fid_ref", "train", "export", "sweep", "evaluate", "report"]:
         assert f"Running stage '{stage}'" in repo.first.stdout, stage
     assert repo.metrics("train")["step"] == 4
     sweep = repo.metrics("sweep")
@@ -114,6 +114,55 @@ def test_second_repro_runs_nothing(repo):
     assert time.monotonic() - start < 30
     assert "Running stage" not in result.stdout
     assert "Data and pipelines are up to date." in result.stdout
+
+
+def test_plots_and_the_report_render_offline(repo, tmp_path):
+    """`dvc plots show`, and `dvc plots diff` of two experiments, write pages that load nothing from
+    the network and show every declared image plot as a PNG; reports/report.html embeds its figures."""
+    from html.parser import HTMLParser
+    from urllib.parse import urlparse
+
+    from PIL import Image
+
+    class Page(HTMLParser):
+        def __init__(self, path: Path):
+            super().__init__()
+            self.urls: list[str] = []
+            self.feed(path.read_text())
+
+        def handle_starttag(self, tag, attrs):
+            self.urls += [value for name, value in attrs if name in ("src", "href", "data", "srcset") and value]
+
+    def check(page_file: Path, revs: list[str]) -> dict[str, bytes]:
+        page = Page(page_file)
+        assert [u for u in page.urls if urlparse(u).scheme not in ("", "data")] == [], page_file
+        assert page_file.read_text().count("vegaEmbed(") >= 2  # the loss curves and the sweep
+        pngs = {}
+        for url in page.urls:
+            with Image.open(page_file.parent / url) as image:
+                assert image.format == "PNG", url
+            pngs[url] = (page_file.parent / url).read_bytes()
+        for rev in revs:
+            for plot in images:
+                assert sum(rev in url and Path(plot).name in url for url in pngs) == 1, (rev, plot, list(pngs))
+        return pngs
+
+    declared = yaml.safe_load((repo.path / "dvc.yaml").read_text())["plots"]
+    images = [plot for plot in declared if isinstance(plot, str) and plot.endswith(".png")]
+    assert len(images) == 6
+    report = Page(repo.path / "reports" / "report.html")
+    assert len(report.urls) == len(images) and all(u.startswith("data:image/png;base64,") for u in report.urls)
+
+    repo.run("dvc", "plots", "show", "-o", str(tmp_path / "show"))
+    check(tmp_path / "show" / "index.html", ["workspace"])
+    repo.run("git", "config", "user.name", "test")  # experiments are commits
+    repo.run("git", "config", "user.email", "test@example.com")
+    for seed in (1, 2):
+        repo.run("dvc", "exp", "run", "-n", f"seed-{seed}", "-S", f"evaluate.seed={seed}")
+    repo.run("dvc", "plots", "diff", "seed-1", "seed-2", "-o", str(tmp_path / "diff"))
+    pngs = check(tmp_path / "diff" / "index.html", ["seed-1", "seed-2"])
+    samples = [data for url, data in pngs.items() if "samples" in url]
+    assert len(samples) == 2 and samples[0] != samples[1]  # each experiment's own grid
 
 
 def test_an_evaluation_param_reruns_only_evaluation(repo):
