@@ -21,6 +21,7 @@ import torch
 import yaml
 
 from unite.model import UNITE, count_trainable
+from unite.optim import NS_DTYPES
 from unite.train import (
     DataPosition,
     Engine,
@@ -40,6 +41,16 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "decoder_mlp": 512, "image_size": 256, "patch_size": 16, "num_latent_tokens": 256,
                   "latent_dim": 32, "flow_steps_per_recon": 3, "perceptual_weight": 0.0},
         "batch": 2, "device": "cpu",
+    },
+    # The demo's training step (params.yaml's train section: 16x16 digits, batch 128).
+    "demo": {
+        "model": {"encoder": "Tiny", "decoder": "Tiny", "encoder_depth": 4, "encoder_hidden": 96,
+                  "encoder_heads": 4, "in_context_len": 4, "in_context_start": 1, "decoder_layers": 2,
+                  "decoder_hidden": 96, "decoder_heads": 4, "decoder_mlp": 192, "decoder_proj_dim": 96,
+                  "image_size": 16, "patch_size": 8, "num_latent_tokens": 4, "latent_dim": 16,
+                  "num_classes": 10, "flow_steps_per_recon": 1, "flow_mini_batch": 1,
+                  "perceptual_weight": 0.0},
+        "batch": 128, "device": "cpu",
     },
     # UNITE-B as trained: LPIPS on (a random VGG trunk: the same compute, no weights file needed).
     "unite-b": {
@@ -70,6 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, help="torch intra-op threads on CPU (default: torch's)")
     parser.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA")
     parser.add_argument("--compile", action="store_true", help="torch.compile the pixel decoder")
+    parser.add_argument("--muon-dtype", choices=("auto", *NS_DTYPES), default="auto",
+                        help="Muon's Newton-Schulz dtype (train.muon_dtype)")
     args = parser.parse_args(argv)
 
     preset = PRESETS[args.preset]
@@ -86,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         "global_batch": batch * args.accum, "per_device_batch": batch,
         "schedule": {"warmup_steps": 0, "hold_until_step": 1, "decay_until_step": 1, "final_lr_factor": 1.0},
         "device": args.device or preset["device"], "bf16": not args.fp32, "compile_decoder": args.compile,
+        "muon_dtype": args.muon_dtype,
     })
     runtime = init_runtime(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -106,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         "device_name": torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(), "batch": batch, "accum": args.accum,
         "flow_steps": cfg.model.flow_steps_per_recon, "bf16": engine.bf16, "compile_decoder": args.compile,
+        "muon_dtype": str(engine.muon.ns_dtype).removeprefix("torch."),
         "trainable_params": count_trainable(engine.raw), "median_s_per_step": round(median, 4),
         "images_per_s": round(batch * args.accum / median, 2), "step_times": [round(t, 4) for t in times],
         # CPU seconds this process used per step (all its threads): with one thread, close to the
