@@ -19,6 +19,8 @@ to download) and runs even with perceptual_weight 0, as the reference always com
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import statistics
 import sys
@@ -161,8 +163,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, help="torch intra-op threads on CPU (default: torch's)")
     parser.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA")
     parser.add_argument("--compile", action="store_true", help="torch.compile the pixel decoder")
-    parser.add_argument("--muon-dtype", choices=("auto", *NS_DTYPES), default="auto",
-                        help="Muon's Newton-Schulz dtype (train.muon_dtype)")
+    parser.add_argument("--muon-dtype", choices=("auto", *NS_DTYPES), action="append",
+                        help="Muon's Newton-Schulz dtype (train.muon_dtype, default auto); given twice, "
+                             "both are timed side by side, one JSON line each")
     parser.add_argument("--reference", type=Path, metavar="PATH",
                         help="a checkout of the reference implementation: time its step too, same run")
     args = parser.parse_args(argv)
@@ -181,7 +184,6 @@ def main(argv: list[str] | None = None) -> None:
         "global_batch": batch * args.accum, "per_device_batch": batch,
         "schedule": {"warmup_steps": 0, "hold_until_step": 1, "decay_until_step": 1, "final_lr_factor": 1.0},
         "device": args.device or preset["device"], "bf16": not args.fp32, "compile_decoder": args.compile,
-        "muon_dtype": args.muon_dtype,
     })
     if args.reference is not None:
         if not (args.reference / "models" / "unite.py").is_file():
@@ -194,16 +196,23 @@ def main(argv: list[str] | None = None) -> None:
         if mismatch:
             parser.error(f"--reference with preset {args.preset}: {mismatch}")
     runtime = init_runtime(cfg.device)
-    torch.manual_seed(cfg.seed)
-    engine = Engine(UNITE(cfg.model).to(runtime.device), cfg, runtime, build_schedule(cfg.schedule, batch, 1))
+    engines = {}
+    for choice in args.muon_dtype or ["auto"]:
+        torch.manual_seed(cfg.seed)
+        variant = dataclasses.replace(cfg, muon_dtype=choice)
+        engines[choice] = Engine(UNITE(cfg.model).to(runtime.device), variant, runtime, build_schedule(cfg.schedule, batch, 1))
+    engine = next(iter(engines.values()))
     images, labels = synthetic_images(cfg.model, 2 * batch, 0)
-    batches = micro_batches(TensorBatches(images, labels, batch), DataPosition(), batch)
     # Engine.step returns host values, so the device is synced when it returns.
-    steps: dict[str, Callable[[], Any]] = {"unite": lambda: engine.step(batches, stop_requested=False)}
+    steps: dict[str, Callable[[], Any]] = {
+        choice: functools.partial(engine.step, micro_batches(TensorBatches(images, labels, batch), DataPosition(), batch),
+                                  stop_requested=False)
+        for choice, engine in engines.items()
+    }
     if args.reference is not None:
         try:
             steps["reference"], reference_params = reference_step(args.reference, cfg.model, runtime.device, engine.bf16,
-                                                images[:batch], labels[:batch], engine.peak_lr)
+                                                                  images[:batch], labels[:batch], engine.peak_lr)
         except ImportError as error:
             parser.error(f"--reference {args.reference}: importing the reference failed ({error}); "
                          "install its requirements (requirements.txt in the checkout)")
@@ -216,36 +225,36 @@ def main(argv: list[str] | None = None) -> None:
             if index >= args.warmup:
                 timings[name][0].append(time.perf_counter() - start)
                 timings[name][1].append(time.process_time() - cpu_start)
-    times, cpu_times = timings["unite"]
-    median = statistics.median(times)
-    report = {
-        "preset": args.preset, "device": str(runtime.device),
-        "device_name": torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda" else "cpu",
-        "threads": torch.get_num_threads(), "batch": batch, "accum": args.accum,
-        "flow_steps": cfg.model.flow_steps_per_recon, "bf16": engine.bf16, "compile_decoder": args.compile,
-        "muon_dtype": str(engine.muon.ns_dtype).removeprefix("torch."),
-        "trainable_params": count_trainable(engine.raw), "median_s_per_step": round(median, 4),
-        "images_per_s": round(batch * args.accum / median, 2), "step_times": [round(t, 4) for t in times],
-        # CPU seconds this process used per step (all its threads): with one thread, close to the
-        # wall time the step would take on an idle core, even when the machine is shared.
-        "median_cpu_s_per_step": round(statistics.median(cpu_times), 4),
-    }
-    if "reference" in timings:
-        ref_times, ref_cpu_times = timings["reference"]
-        report["reference"] = {
-            "trainable_params": reference_params,
-            "median_s_per_step": round(statistics.median(ref_times), 4),
-            "median_cpu_s_per_step": round(statistics.median(ref_cpu_times), 4),
-            "step_times": [round(t, 4) for t in ref_times],
+    for choice, engine in engines.items():
+        times, cpu_times = timings[choice]
+        median = statistics.median(times)
+        report = {
+            "preset": args.preset, "device": str(runtime.device),
+            "device_name": torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda" else "cpu",
+            "threads": torch.get_num_threads(), "batch": batch, "accum": args.accum,
+            "flow_steps": cfg.model.flow_steps_per_recon, "bf16": engine.bf16, "compile_decoder": args.compile,
+            "muon_dtype": choice, "newton_schulz_dtype": str(engine.muon.ns_dtype).removeprefix("torch."),
+            "trainable_params": count_trainable(engine.raw), "median_s_per_step": round(median, 4),
+            "images_per_s": round(batch * args.accum / median, 2), "step_times": [round(t, 4) for t in times],
+            # CPU seconds this process used per step (all its threads): with one thread, close to the
+            # wall time the step would take on an idle core, even when the machine is shared.
+            "median_cpu_s_per_step": round(statistics.median(cpu_times), 4),
         }
-        # How many times longer the reference's step takes than this project's.
-        report["reference_over_unite"] = round(statistics.median(ref_times) / median, 3)
-        report["reference_over_unite_cpu"] = round(
-            statistics.median(ref_cpu_times) / statistics.median(cpu_times), 3)
-    if runtime.device.type == "cuda":
-        report["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(runtime.device) / 2**30, 2)
-    print(json.dumps(report))
-
+        if "reference" in timings:
+            ref_times, ref_cpu_times = timings["reference"]
+            report["reference"] = {
+                "trainable_params": reference_params,
+                "median_s_per_step": round(statistics.median(ref_times), 4),
+                "median_cpu_s_per_step": round(statistics.median(ref_cpu_times), 4),
+                "step_times": [round(t, 4) for t in ref_times],
+            }
+            # How many times longer the reference's step takes than this project's.
+            report["reference_over_unite"] = round(statistics.median(ref_times) / median, 3)
+            report["reference_over_unite_cpu"] = round(
+                statistics.median(ref_cpu_times) / statistics.median(cpu_times), 3)
+        if runtime.device.type == "cuda":
+            report["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(runtime.device) / 2**30, 2)
+        print(json.dumps(report))
 
 if __name__ == "__main__":
     main()
