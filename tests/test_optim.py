@@ -12,11 +12,12 @@ import torch
 from conftest import perturb_
 from test_train import one_thread  # noqa: F401  (autouse fixture: one intra-op thread here too)
 from test_train import TINY_MODEL, train_config
+from unite.checkpoint import list_checkpoints
 from unite.config import ConfigError, model_config
 from unite.distributed import init_runtime
 from unite.model import UNITE
 from unite.optim import NS_COEFFICIENTS, NS_STEPS, build_optimizers, newton_schulz_dtype, split_parameters
-from unite.train import Engine, TrainConfig, build_schedule
+from unite.train import Engine, build_schedule, train
 
 
 def tiny_model_with_grads(seed: int) -> UNITE:
@@ -142,3 +143,13 @@ def test_trainer_passes_the_dtype_to_muon(tmp_path: Path, cpu_flags, muon_dtype:
 def test_unknown_muon_dtype_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"muon_dtype='float16': must be one of auto, bfloat16, float32"):
         train_config(tmp_path, muon_dtype="float16")
+
+
+def test_a_run_resumes_with_another_muon_dtype(tmp_path: Path) -> None:
+    """The dtype fits the machine, so a run moved from a GPU to a CPU (or a checkpoint written
+    before the key existed) resumes; its other settings must still match."""
+    train(train_config(tmp_path, max_steps=1, muon_dtype="bfloat16"))
+    assert [path.name for path in list_checkpoints(tmp_path / "checkpoints")] == ["step_00000001.pt"]
+    assert train(train_config(tmp_path, max_steps=2, muon_dtype="float32")).step == 2
+    with pytest.raises(ConfigError, match="base_lr"):
+        train(train_config(tmp_path, max_steps=3, base_lr=0.5))

@@ -79,7 +79,7 @@ METRIC_COLUMNS = ("step", "epoch", *LOSS_PARTS, "lr", "grad_norm", "images_per_s
 # Keys that may differ between a checkpoint's config and the config that resumes it.
 RESUME_MAY_CHANGE = frozenset(
     {"out_dir", "max_steps", "log_every", "checkpoint_every", "keep_last", "max_nonfinite",
-     "resume", "progress", "compile_decoder"}
+     "resume", "progress", "compile_decoder", "muon_dtype"}
 )
 
 
