@@ -200,19 +200,22 @@ def main(argv: list[str] | None = None) -> None:
     for choice in args.muon_dtype or ["auto"]:
         torch.manual_seed(cfg.seed)
         variant = dataclasses.replace(cfg, muon_dtype=choice)
-        engines[choice] = Engine(UNITE(cfg.model).to(runtime.device), variant, runtime, build_schedule(cfg.schedule, batch, 1))
+        engines[choice] = Engine(UNITE(cfg.model).to(runtime.device), variant, runtime,
+                                 build_schedule(cfg.schedule, batch, 1))
     engine = next(iter(engines.values()))
     images, labels = synthetic_images(cfg.model, 2 * batch, 0)
     # Engine.step returns host values, so the device is synced when it returns.
     steps: dict[str, Callable[[], Any]] = {
-        choice: functools.partial(engine.step, micro_batches(TensorBatches(images, labels, batch), DataPosition(), batch),
-                                  stop_requested=False)
+        choice: functools.partial(
+            engine.step, micro_batches(TensorBatches(images, labels, batch), DataPosition(), batch),
+            stop_requested=False)
         for choice, engine in engines.items()
     }
     if args.reference is not None:
         try:
-            steps["reference"], reference_params = reference_step(args.reference, cfg.model, runtime.device, engine.bf16,
-                                                                  images[:batch], labels[:batch], engine.peak_lr)
+            steps["reference"], reference_params = reference_step(
+                args.reference, cfg.model, runtime.device, engine.bf16, images[:batch], labels[:batch],
+                engine.peak_lr)
         except ImportError as error:
             parser.error(f"--reference {args.reference}: importing the reference failed ({error}); "
                          "install its requirements (requirements.txt in the checkout)")
