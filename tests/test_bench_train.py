@@ -9,8 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from benchmarks.bench_train import main
+from benchmarks.bench_train import PRESETS, main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # The reference's module layout with the names the benchmark calls, as small stand-ins.
 STAND_IN = {
@@ -112,3 +115,9 @@ def test_reference_step_is_timed_beside_ours_with_the_ratio(bench, tmp_path: Pat
     assert reference["trainable_params"] == 32 * 128 + 128
     expected = statistics.median(reference["step_times"]) / statistics.median(report["step_times"])
     assert report["reference_over_unite"] == pytest.approx(expected, rel=1e-2, abs=5e-4)  # 3 decimals
+
+
+def test_demo_preset_is_the_demo_training_step() -> None:
+    train = yaml.safe_load((ROOT / "params.yaml").read_text())["train"]
+    assert PRESETS["demo"]["model"] == train["model"]
+    assert PRESETS["demo"]["batch"] == train["per_device_batch"] == train["global_batch"]
