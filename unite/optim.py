@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -48,12 +50,108 @@ def split_parameters(
     return muon, adamw
 
 
-def build_optimizers(model: nn.Module, lr: float) -> tuple[torch.optim.Muon, torch.optim.AdamW]:
-    """Muon (momentum 0.95, Nesterov, RMS matched to AdamW) and fused AdamW (0.9/0.999), both
-    with eps 1e-6 and no weight decay, as in the reference recipe."""
+# Muon's Newton-Schulz iteration: the quintic coefficients and step count of torch.optim.Muon.
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+NS_STEPS = 5
+NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) below which bf16 matrix products are emulated.
+_ONEDNN_ISAS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU multiplies bfloat16 matrices in hardware (AVX512-BF16 or AMX-BF16).
+
+    torch runs CPU bf16 matmuls through oneDNN, which emulates them elsewhere: on an AVX2-only
+    CPU a bf16 product of Muon-sized matrices takes about 20x as long as the float32 one, on
+    AVX-512 without BF16 about 1.3x; with the instructions it takes about 0.4x.
+    `torch.backends.cpu.get_cpu_capability()` names only the vector ISA of torch's own kernels
+    ("AVX512" also on CPUs without BF16), so the CPU's flags are read through torch's cpuinfo
+    instead, which works on every OS. A cap on oneDNN's ISA (ONEDNN_MAX_CPU_ISA, e.g. AVX2)
+    disables the instructions and counts as their absence.
+    """
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "")).upper()
+    if cap in _ONEDNN_ISAS_WITHOUT_BF16:
+        return False
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def newton_schulz_dtype(choice: str, device: torch.device) -> torch.dtype:
+    """The dtype of Muon's Newton-Schulz iteration: `auto` takes bfloat16 (torch's Muon) where
+    the device multiplies it natively (CUDA, CPUs with AVX512-BF16/AMX) and float32 elsewhere;
+    `bfloat16` or `float32` force it."""
+    if choice == "auto":
+        native = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+        return torch.bfloat16 if native else torch.float32
+    if choice not in NS_DTYPES:
+        raise ValueError(f"muon_dtype={choice!r}: must be one of auto, {', '.join(NS_DTYPES)}")
+    return NS_DTYPES[choice]
+
+
+def orthogonalise(update: Tensor, dtype: torch.dtype, eps: float) -> Tensor:
+    """Newton-Schulz orthogonalisation of a matrix in `dtype`: torch.optim.Muon's iteration,
+    operation for operation, so that in bfloat16 the result is torch's bit for bit."""
+    a, b, c = NS_COEFFICIENTS
+    x = update.to(dtype)
+    tall = update.size(0) > update.size(1)
+    if tall:
+        x = x.T
+    x = x.div(x.norm().clamp(min=eps))  # spectral norm at most 1
+    for _ in range(NS_STEPS):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+class Muon(torch.optim.Muon):
+    """torch.optim.Muon (same hyperparameters, state and checkpoints) whose Newton-Schulz
+    iteration runs in `ns_dtype`: bfloat16 reproduces torch's update bit for bit, float32 is
+    what a CPU without native bf16 runs fast (see `cpu_has_native_bf16`)."""
+
+    def __init__(self, params: Any, *, ns_dtype: torch.dtype, **kwargs: Any):
+        super().__init__(params, **kwargs)
+        self.ns_dtype = ns_dtype
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params: list[Tensor] = []
+            grads: list[Tensor] = []
+            buffers: list[Tensor] = []
+            self._init_group(group, params, grads, buffers)
+            momentum, lr = group["momentum"], group["lr"]
+            for param, grad, buffer in zip(params, grads, buffers):
+                buffer.lerp_(grad, 1 - momentum)
+                update = grad.lerp(buffer, momentum) if group["nesterov"] else buffer
+                update = orthogonalise(update, self.ns_dtype, group["eps"])
+                param.mul_(1 - lr * group["weight_decay"])
+                param.add_(update, alpha=-adjusted_lr(lr, group["adjust_lr_fn"], param.shape))
+        return loss
+
+
+def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
+    """torch.optim.Muon's per-matrix learning rate for a (fan_out, fan_in) weight."""
+    fan_out, fan_in = shape[:2]
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return lr * math.sqrt(max(1, fan_out / fan_in))
+    if adjust_lr_fn == "match_rms_adamw":
+        return lr * 0.2 * math.sqrt(max(fan_out, fan_in))
+    return lr * math.sqrt(fan_out / fan_in)  # spectral_unclamped
+
+
+def build_optimizers(
+    model: nn.Module, lr: float, ns_dtype: torch.dtype = torch.bfloat16
+) -> tuple[Muon, torch.optim.AdamW]:
+    """Muon (momentum 0.95, Nesterov, RMS matched to AdamW, Newton-Schulz in `ns_dtype`) and
+    fused AdamW (0.9/0.999), both with eps 1e-6 and no weight decay, as in the reference recipe."""
     muon_params, adamw_params = split_parameters(model)
-    muon = torch.optim.Muon(
+    muon = Muon(
         [p for _, p in muon_params],
+        ns_dtype=ns_dtype,
         lr=lr,
         weight_decay=0.0,
         momentum=0.95,

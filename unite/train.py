@@ -70,7 +70,9 @@ from unite.optim import (
     EMA,
     FROZEN_PREFIX,
     LRSchedule,
+    NS_DTYPES,
     build_optimizers,
+    newton_schulz_dtype,
     scaled_lr,
     trained_parameters,
     unite_b_schedule,
@@ -88,7 +90,8 @@ METRIC_COLUMNS = ("step", "epoch", *LOSS_PARTS, "lr", "grad_norm", "images_per_s
 # on another world size keeps the checkpoint's schedule in steps (`lr_schedule_steps`).
 RESUME_MAY_CHANGE = frozenset(
     {"out_dir", "max_steps", "log_every", "checkpoint_every", "keep_last", "max_nonfinite",
-     "resume", "progress", "compile_decoder", "live_metrics", "world_size", "lr_schedule_steps"}
+     "resume", "progress", "compile_decoder", "live_metrics", "world_size", "lr_schedule_steps",
+     "muon_dtype", "tf32"}
 )
 
 
@@ -116,6 +119,7 @@ class TrainConfig:
     device: str = "auto"  # auto (CUDA when available), cuda or cpu
     bf16: bool = True  # bf16 autocast on CUDA; CPU always runs float32
     tf32: bool = True  # TF32 matmuls and cuDNN convolutions on CUDA, as the reference allows
+    muon_dtype: str = "auto"  # Muon's Newton-Schulz: auto (bf16 where native), bfloat16 or float32
     compile_decoder: bool = False  # torch.compile the pixel decoder
     log_every: int = 50
     checkpoint_every: int = 1000
@@ -157,6 +161,8 @@ class TrainConfig:
                 raise ConfigError(f"{key}={getattr(config, key)}: must be > 0")
         if not 0.0 <= config.ema_decay < 1.0:
             raise ConfigError(f"ema_decay={config.ema_decay}: must lie in [0, 1)")
+        if config.muon_dtype not in ("auto", *NS_DTYPES):
+            raise ConfigError(f"muon_dtype={config.muon_dtype!r}: must be one of auto, {', '.join(NS_DTYPES)}")
         if config.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device={config.device!r}: must be one of auto, cpu, cuda")
         if config.global_batch % config.per_device_batch:
@@ -489,7 +495,9 @@ class Engine:
                 gradient_as_bucket_view=True,
             )
         self.params = [p for _, p in trained_parameters(model)]
-        self.muon, self.adamw = build_optimizers(model, self.peak_lr)
+        self.muon, self.adamw = build_optimizers(
+            model, self.peak_lr, newton_schulz_dtype(cfg.muon_dtype, runtime.device)
+        )
         self.schedulers = [
             torch.optim.lr_scheduler.LambdaLR(opt, schedule) for opt in (self.muon, self.adamw)
         ]

@@ -1,0 +1,124 @@
+"""Median milliseconds of one Muon step on a model's Muon weights, variants side by side.
+
+    .venv/bin/python -m benchmarks.bench_muon --preset demo --threads 1
+
+Times torch.optim.Muon and unite.optim.Muon with the Newton-Schulz iteration in bfloat16 and
+float32, one matrix at a time (as trained) and, as a candidate, with same-shaped matrices
+stacked into one batched product per iteration step; interleaved in one run on the same random
+gradients of the Muon weights of a `benchmarks.bench_train` preset's model. Prints one JSON
+line per variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from benchmarks.bench_train import PRESETS
+from unite.config import model_config
+from unite.model import UNITE
+from unite.optim import NS_COEFFICIENTS, NS_STEPS, Muon, adjusted_lr, split_parameters
+
+RECIPE = {"lr": 1e-3, "weight_decay": 0.0, "momentum": 0.95, "nesterov": True, "eps": 1e-6,
+          "adjust_lr_fn": "match_rms_adamw"}
+
+
+def orthogonalise_stack(updates: torch.Tensor, dtype: torch.dtype, eps: float) -> torch.Tensor:
+    """unite.optim.orthogonalise on a (count, rows, cols) stack: batched products."""
+    a, b, c = NS_COEFFICIENTS
+    x = updates.to(dtype)
+    tall = updates.size(-2) > updates.size(-1)
+    if tall:
+        x = x.mT
+    x = x / torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).clamp(min=eps)
+    for _ in range(NS_STEPS):
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if tall else x
+
+
+class BatchedMuon(Muon):
+    """The candidate: unite.optim.Muon orthogonalising same-shaped matrices together (for the
+    recipe's hyperparameters only: Nesterov momentum, no weight decay)."""
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:
+        for group in self.param_groups:
+            params: list[torch.Tensor] = []
+            grads: list[torch.Tensor] = []
+            buffers: list[torch.Tensor] = []
+            self._init_group(group, params, grads, buffers)
+            by_shape: dict[tuple[int, ...], list[int]] = {}
+            updates = []
+            for index, (grad, buffer) in enumerate(zip(grads, buffers)):
+                buffer.lerp_(grad, 1 - group["momentum"])
+                updates.append(grad.lerp(buffer, group["momentum"]))
+                by_shape.setdefault(tuple(grad.shape), []).append(index)
+            for indices in by_shape.values():
+                stack = orthogonalise_stack(torch.stack([updates[i] for i in indices]), self.ns_dtype, group["eps"])
+                for i, update in zip(indices, stack.unbind()):
+                    lr = adjusted_lr(group["lr"], group["adjust_lr_fn"], params[i].shape)
+                    params[i].add_(update, alpha=-lr)
+
+
+def variants(params: list[torch.nn.Parameter]) -> dict[str, torch.optim.Optimizer]:
+    return {
+        "torch.optim.Muon": torch.optim.Muon(params, **RECIPE),
+        "bfloat16": Muon(params, ns_dtype=torch.bfloat16, **RECIPE),
+        "bfloat16 batched": BatchedMuon(params, ns_dtype=torch.bfloat16, **RECIPE),
+        "float32": Muon(params, ns_dtype=torch.float32, **RECIPE),
+        "float32 batched": BatchedMuon(params, ns_dtype=torch.float32, **RECIPE),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="demo")
+    parser.add_argument("--device", help="cpu or cuda (default: the preset's)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads on CPU (default: torch's)")
+    parser.add_argument("--steps", type=int, default=9, help="timed steps per variant, interleaved")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    preset = PRESETS[args.preset]
+    device = torch.device(args.device or preset["device"])
+    model_fields = dict(preset["model"])
+    model_fields.pop("lpips_random_backbone", None)
+    model_fields["perceptual_weight"] = 0.0  # only the Muon weights matter here
+    model = UNITE(model_config(model_fields.pop("encoder"), model_fields.pop("decoder"), **model_fields))
+    params = [p for _, p in split_parameters(model.to(device))[0]]
+    torch.manual_seed(0)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizers = variants(params)
+    times: dict[str, list[float]] = {name: [] for name in optimizers}
+    cpu_times: dict[str, list[float]] = {name: [] for name in optimizers}
+    for index in range(args.steps + 1):  # the first round warms up
+        for name, optimizer in optimizers.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start, cpu_start = time.perf_counter(), time.process_time()
+            optimizer.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if index:
+                times[name].append(time.perf_counter() - start)
+                cpu_times[name].append(time.process_time() - cpu_start)
+    # On CPU the ratio is of CPU time (this process, all threads), which a shared machine
+    # disturbs far less than wall time; on CUDA it is of wall time.
+    ratio_of = cpu_times if device.type == "cpu" else times
+    reference = statistics.median(ratio_of["torch.optim.Muon"])
+    for name, values in times.items():
+        print(json.dumps({"preset": args.preset, "device": str(device), "threads": torch.get_num_threads(),
+                          "variant": name, "matrices": len(params),
+                          "median_ms": round(1e3 * statistics.median(values), 2),
+                          "median_cpu_ms": round(1e3 * statistics.median(cpu_times[name]), 2),
+                          "vs_torch": round(statistics.median(ratio_of[name]) / reference, 3)}))
+
+
+if __name__ == "__main__":
+    main()
