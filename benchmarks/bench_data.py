@@ -37,9 +37,10 @@ import numpy as np
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
-from unite.data import center_crop, decode, folder_loader, shard_loader, to_rgb, write_manifest, write_shards
-from unite.data.image import encode_png
-from unite.data.loaders import _pixels, _tensor
+from unite.data.image import center_crop, decode, encode_png, to_rgb
+from unite.data.loaders import _pixels, _tensor, folder_loader, shard_loader
+from unite.data.manifest import write_manifest
+from unite.data.shards import write_shards
 
 # (width, height) and their shares among the generated images, close to ImageNet's mix.
 SIZES = (((500, 375), 0.6), ((375, 500), 0.25), ((500, 333), 0.15))

@@ -16,10 +16,8 @@ import time
 
 import torch
 
-from stages.export import OUT as MODEL
-from stages.fid_ref import OUT as REFERENCE
 from stages.params import load_params
-from stages.shard import OUT as SHARDS
+from stages.paths import EXPORT, FID_REFERENCE, SHARDS
 from unite.evaluation import feature_space, generate_and_score, load_exported_model, load_split
 from unite.fid import GaussianStats, distance_key
 from unite.metrics import ClassConsistency, PixelClassifier
@@ -36,9 +34,9 @@ def main() -> None:
     args = parser.parse_args()
 
     ref = load_params()["fid_ref"]
-    model = load_exported_model(MODEL, torch.device("cpu"))
+    model = load_exported_model(EXPORT, torch.device("cpu"))
     space = feature_space(ref["feature_space"], SHARDS / "train", ref["inception_weights"])
-    reference = GaussianStats.load(REFERENCE)
+    reference = GaussianStats.load(FID_REFERENCE)
     judge = PixelClassifier(*load_split(SHARDS / "train"))
     guidance = Guidance(scale=args.cfg_scale)
     cfg = model.cfg

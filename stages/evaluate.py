@@ -11,16 +11,12 @@ import json
 import platform
 import subprocess
 from contextlib import ExitStack
-from pathlib import Path
 
 import torch
 
-from stages.export import OUT as MODEL
-from stages.fid_ref import OUT as REFERENCE
 from stages.launch import run_stage
-from stages.params import load_params
-from stages.shard import OUT as SHARDS
-from stages.sweep import METRICS_JSON as SWEEP
+from stages.params import load_stage_params
+from stages.paths import EVAL_METRICS, EXPORT, FID_REFERENCE, SAMPLES, SHARDS, SWEEP_JSON
 from unite.distributed import close_runtime, init_runtime
 from unite.evaluation import feature_space, generate_and_score, load_exported_model, load_split, reconstruct
 from unite.fid import GaussianStats
@@ -29,8 +25,6 @@ from unite.metrics import ClassConsistency, PixelClassifier, reconstruction_metr
 from unite.perceptual import build_lpips
 from unite.sampling import Guidance
 
-OUT = Path("samples")
-METRICS = Path("metrics/eval.json")
 GRID_MIN_CELL = 64  # pixels: smaller samples are enlarged (nearest neighbour) in the grid
 
 
@@ -41,23 +35,23 @@ def provenance(device: torch.device) -> dict:
 
 
 def main() -> None:
-    params = load_params()
+    params = load_stage_params("evaluate")
     evaluate, ref = params["evaluate"], params["fid_ref"]
     runtime = init_runtime()
     device = runtime.device
-    model = load_exported_model(MODEL, device)
-    chosen = json.loads(SWEEP.read_text())["chosen"]
+    model = load_exported_model(EXPORT, device)
+    chosen = json.loads(SWEEP_JSON.read_text())["chosen"]
     guidance = Guidance(scale=chosen["scale"], interval=tuple(chosen["interval"]), norm_order=chosen["norm_order"])
     space = reference = None
     consumers = []
     with ExitStack() as stack:
         if runtime.is_main:
             space = feature_space(ref["feature_space"], SHARDS / "train", ref["inception_weights"], str(device))
-            reference = GaussianStats.load(REFERENCE)
+            reference = GaussianStats.load(FID_REFERENCE)
             size = model.cfg.image_size
-            OUT.mkdir(exist_ok=True)
+            SAMPLES.mkdir(exist_ok=True)
             grid = GridSamples(model.cfg.num_classes, evaluate["grid_per_class"])
-            npz = NpzImageWriter(OUT / "images.npz", (evaluate["num_images"], size, size, 3))
+            npz = NpzImageWriter(SAMPLES / "images.npz", (evaluate["num_images"], size, size, 3))
             consumers = [stack.enter_context(npz), grid]
             if evaluate["class_consistency"]:
                 consistency = ClassConsistency(PixelClassifier(*load_split(SHARDS / "train")))
@@ -75,9 +69,9 @@ def main() -> None:
     metrics["reconstruction"] = reconstruction_metrics(pairs, feature_space=space, lpips=lpips)
 
     # Small images (the demo's 16-pixel digits) are enlarged so that the grid can be seen.
-    grid.grid(scale=max(1, -(-GRID_MIN_CELL // size))).save(OUT / "grid.png")
-    (OUT / "provenance.json").write_text(json.dumps(provenance(device), indent=2) + "\n")
-    METRICS.write_text(json.dumps(metrics, indent=2) + "\n")
+    grid.grid(scale=max(1, -(-GRID_MIN_CELL // size))).save(SAMPLES / "grid.png")
+    (SAMPLES / "provenance.json").write_text(json.dumps(provenance(device), indent=2) + "\n")
+    EVAL_METRICS.write_text(json.dumps(metrics, indent=2) + "\n")
     print(json.dumps(metrics, indent=2))
 
 

@@ -1,16 +1,12 @@
 """Stage export: the EMA weights of the final checkpoint as safetensors + json config."""
 
-from pathlib import Path
 
 from stages.launch import run_stage
-from stages.train import FINAL
+from stages.paths import EXPORT, FINAL_CHECKPOINT
 from unite.checkpoint import export_ema
 
-OUT = Path("models/unite-ema.safetensors")
-
-
 def main() -> None:
-    weights, config = export_ema(FINAL, OUT)
+    weights, config = export_ema(FINAL_CHECKPOINT, EXPORT)
     print(f"export: {weights} and {config}")
 
 

@@ -1,24 +1,21 @@
 """Stage fid_ref: reference statistics (data/fid_ref.npz) in the configured feature space, copied
 from a precomputed npz or computed from the train shards."""
 
-from pathlib import Path
 
 from stages.launch import run_stage
-from stages.params import load_params
-from stages.shard import OUT as SHARDS
+from stages.params import load_stage_params
+from stages.paths import FID_REFERENCE, SHARDS
+from unite.config import ConfigError
 from unite.evaluation import feature_space, real_batches
 from unite.data.shards import read_index
 from unite.fid import GaussianStats, compute_reference_stats, feature_space_kind
 
-OUT = Path("data/fid_ref.npz")
-
-
 def main() -> None:
-    params = load_params()["fid_ref"]
+    params = load_stage_params("fid_ref")["fid_ref"]
     if params["stats"] is not None:
         stats = GaussianStats.load(params["stats"])
         if feature_space_kind(stats.feature_space) != params["feature_space"]:
-            raise SystemExit(
+            raise ConfigError(
                 f"fid_ref.stats={params['stats']!r} holds {stats.feature_space} statistics, but "
                 f"fid_ref.feature_space={params['feature_space']!r}: the two must name the same kind of space"
             )
@@ -26,9 +23,9 @@ def main() -> None:
         space = feature_space(params["feature_space"], SHARDS / "train", params["inception_weights"])
         batches = (images for images, _ in real_batches(SHARDS / "train", params["batch_size"]))
         stats = compute_reference_stats(batches, space, total=read_index(SHARDS / "train")["totals"]["written"])
-    stats.save(OUT)
+    stats.save(FID_REFERENCE)
     count = stats.num_images or "an unrecorded number of"  # JiT's files hold only mu and sigma
-    print(f"fid_ref: {count} images, {stats.feature_space} space -> {OUT}")
+    print(f"fid_ref: {count} images, {stats.feature_space} space -> {FID_REFERENCE}")
 
 
 if __name__ == "__main__":

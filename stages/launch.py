@@ -25,7 +25,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from stages.params import PARAMS_FILE, load_params
+from stages.params import PARAMS_FILE, load_stage_params
 from unite.config import ConfigError
 
 # Where a worker started by `launch` leaves its expected failure (one file per rank).
@@ -109,7 +109,7 @@ def launch(stage: str) -> int:
     from torch.distributed.run import parse_args, run
 
     try:
-        nproc = load_params()[stage]["nproc_per_node"]
+        nproc = load_stage_params(stage)[stage]["nproc_per_node"]
     except ConfigError as error:
         print(failure_line(stage, error), file=sys.stderr)
         return EXPECTED_EXIT

@@ -3,17 +3,14 @@
 from pathlib import Path
 
 from stages.launch import run_stage
-from stages.params import load_params
+from stages.params import load_stage_params
+from stages.paths import MANIFESTS, SPLITS
 from unite.data.manifest import write_manifest
 
-OUT = Path("data/manifest")
-SPLITS = ("train", "val")
-
-
 def main() -> None:
-    root = Path(load_params()["manifest"]["root"])
+    root = Path(load_stage_params("manifest")["manifest"]["root"])
     for split in SPLITS:
-        write_manifest(root / split, OUT / f"{split}.tsv")
+        write_manifest(root / split, MANIFESTS / f"{split}.tsv")
 
 
 if __name__ == "__main__":

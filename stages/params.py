@@ -162,6 +162,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "train": ("train", "shard"),
     "sweep": ("sweep", "fid_ref", "evaluate"),
     "evaluate": ("evaluate", "fid_ref"),
+    "report": ("demo_data", "manifest", "shard", "fid_ref", "train", "sweep", "evaluate"),  # shows them all
 }
 
 

@@ -5,32 +5,25 @@ metrics, the figures and the provenance. `dvc plots show/diff` draw the figures 
 
 import json
 import os
-from pathlib import Path
 
 import torch
 from PIL import Image
 
-from stages.evaluate import METRICS as EVAL_JSON
-from stages.evaluate import OUT as SAMPLES
-from stages.export import OUT as MODEL
-from stages.params import load_params
-from stages.shard import OUT as SHARDS
-from stages.sweep import METRICS_JSON as SWEEP_JSON
-from stages.sweep import METRICS_TSV as SWEEP_TSV
+from stages.launch import run_stage
+from stages.params import load_stage_params
+from stages.paths import EVAL_METRICS, EXPORT, FIGURES, REPORT, SAMPLES, SHARDS, SWEEP_JSON, SWEEP_TSV, TRAIN_METRICS
 from unite.evaluation import load_exported_model, reconstruct
 from unite.report import (cfg_figure, curve_figure, device_name, enlarged, git_state, package_versions, params_hash,
                           read_table, reconstruction_grid, render_report)
 
-TRAIN_TSV = Path("metrics/train.tsv")
-TRAIN_JSON = Path("metrics/train.json")
-FIGURES = Path("reports/figures")
-REPORT = Path("reports/report.html")
+TRAIN_TSV = TRAIN_METRICS.with_suffix(".tsv")
+TRAIN_JSON = TRAIN_METRICS.with_suffix(".json")
 RECON_IMAGES = 16  # the first validation images, in shard order
 PACKAGES = ("unite", "torch", "torchvision", "numpy", "safetensors", "webdataset", "dvc", "prefect", "matplotlib")
 
 
 def main() -> None:
-    params = load_params()
+    params = load_stage_params("report")
     figures = {
         "Training losses": FIGURES / "loss.png",
         "Learning rate": FIGURES / "lr.png",
@@ -49,7 +42,7 @@ def main() -> None:
     enlarged(Image.open(SAMPLES / "grid.png").convert("RGB")).save(figures["Samples (a row per class)"])
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_exported_model(MODEL, device)
+    model = load_exported_model(EXPORT, device)
     originals, reconstructions = next(
         reconstruct(model, SHARDS / "val", RECON_IMAGES, limit=RECON_IMAGES, seed=params["evaluate"]["seed"]))
     enlarged(reconstruction_grid(originals, reconstructions)).save(
@@ -69,7 +62,7 @@ def main() -> None:
         params,
         {"train (last logged window)": json.loads(TRAIN_JSON.read_text()),
          f"sweep (chosen by {sweep['metric']})": sweep["chosen"],
-         "evaluate": json.loads(EVAL_JSON.read_text())},
+         "evaluate": json.loads(EVAL_METRICS.read_text())},
         figures,
         provenance,
         tables={"CFG sweep points": (list(sweep_rows[0]), [list(row.values()) for row in sweep_rows])},
@@ -80,4 +73,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -13,23 +13,18 @@ reference, never change the chosen setting unless sweep.wide_changes_choice is t
 Runs under torchrun: every rank generates its share of each point's images, rank 0 scores them
 as they arrive and shares the score, so that all ranks walk the same search."""
 
-from pathlib import Path
 
 import torch.distributed as dist
 
-from stages.export import OUT as MODEL
-from stages.fid_ref import OUT as REFERENCE
 from stages.launch import run_stage
-from stages.params import load_params
-from stages.shard import OUT as SHARDS
+from stages.params import load_stage_params
+from stages.paths import EXPORT, FID_REFERENCE, SHARDS, SWEEP_JSON, SWEEP_TSV
 from unite.cfg_search import adaptive_cfg_search, wide_sweep
 from unite.distributed import close_runtime, init_runtime
 from unite.evaluation import feature_space, generate_and_score, load_exported_model
 from unite.fid import GaussianStats, distance_key
 from unite.sampling import Guidance
 
-METRICS_JSON = Path("metrics/sweep.json")
-METRICS_TSV = Path("metrics/sweep.tsv")
 METRIC = "frechet_distance"
 GENERATION_KEYS = ("num_images", "seed", "solver", "steps", "block_size")
 
@@ -41,15 +36,15 @@ def search_images(params: dict) -> dict:
 
 
 def main() -> None:
-    params = load_params()
+    params = load_stage_params("sweep")
     sweep, ref = params["sweep"], params["fid_ref"]
     images = search_images(params)
     runtime = init_runtime()
-    model = load_exported_model(MODEL, runtime.device)
+    model = load_exported_model(EXPORT, runtime.device)
     space = reference = None
     if runtime.is_main:
         space = feature_space(ref["feature_space"], SHARDS / "train", ref["inception_weights"], str(runtime.device))
-        reference = GaussianStats.load(REFERENCE)
+        reference = GaussianStats.load(FID_REFERENCE)
 
     def evaluate(scale: float, interval: tuple[float, float], norm_order: str) -> float:
         guidance = Guidance(scale=scale, interval=interval, norm_order=norm_order)
@@ -71,7 +66,7 @@ def main() -> None:
         result = wide_sweep(evaluate, result, settings, may_change_choice=sweep["wide_changes_choice"])
     close_runtime()
     if runtime.is_main:
-        result.write(METRICS_JSON, METRICS_TSV)
+        result.write(SWEEP_JSON, SWEEP_TSV)
         chosen = result.chosen
         print(f"sweep: chose cfg {chosen.scale:.2f} ({METRIC} {chosen.value:.4f}) after {len(result.points)} points")
 

@@ -15,14 +15,11 @@ import sys
 from pathlib import Path
 
 from stages.launch import run_stage
-from stages.params import load_params, train_config
-from stages.shard import OUT as SHARDS
+from stages.params import load_stage_params, train_config
+from stages.paths import CHECKPOINTS, FINAL_CHECKPOINT, SHARDS, TRAIN_METRICS
 from unite.checkpoint import latest_checkpoint
 from unite.train import RESUME_MAY_CHANGE, Preempted, train
 
-CHECKPOINTS = Path("checkpoints")
-FINAL = Path("models/final.pt")
-METRICS = Path("metrics/train")  # the stem of the train.tsv and train.json that dvc.yaml declares
 UNKEYED = RESUME_MAY_CHANGE | {"nproc_per_node", "num_workers"}
 
 
@@ -39,7 +36,7 @@ def restore_metrics(out_dir: Path) -> None:
     failing early still leaves the last good training metrics (rows logged after the last
     checkpoint are dropped again when training resumes)."""
     for suffix in (".tsv", ".json"):
-        source, target = out_dir / f"metrics{suffix}", METRICS.with_name(METRICS.name + suffix)
+        source, target = out_dir / f"metrics{suffix}", TRAIN_METRICS.with_name(TRAIN_METRICS.name + suffix)
         if source.is_file():
             target.parent.mkdir(parents=True, exist_ok=True)
             temporary = target.with_name(f".{target.name}.tmp")
@@ -48,7 +45,7 @@ def restore_metrics(out_dir: Path) -> None:
 
 
 def main() -> None:
-    section = load_params()["train"]
+    section = load_stage_params("train")["train"]
     out_dir = run_directory(section, SHARDS / "train" / "index.json")
     data = {
         "kind": "python",
@@ -60,19 +57,19 @@ def main() -> None:
     if is_main:
         restore_metrics(out_dir)
     try:
-        result = train(train_config({**section, "live_metrics": str(METRICS)}, str(out_dir), data))
+        result = train(train_config({**section, "live_metrics": str(TRAIN_METRICS)}, str(out_dir), data))
     except Preempted as stopped:  # the checkpoint is written; `dvc repro` resumes from it
         print(stopped, file=sys.stderr)
         sys.exit(128 + stopped.signum)
     if not is_main:
         return
     final = result.checkpoint or latest_checkpoint(out_dir / "checkpoints")
-    FINAL.parent.mkdir(exist_ok=True)
-    FINAL.unlink(missing_ok=True)
+    FINAL_CHECKPOINT.parent.mkdir(exist_ok=True)
+    FINAL_CHECKPOINT.unlink(missing_ok=True)
     try:
-        os.link(final, FINAL)  # no second copy of a large checkpoint where the filesystem allows
+        os.link(final, FINAL_CHECKPOINT)  # no second copy of a large checkpoint where the filesystem allows
     except OSError:
-        shutil.copy2(final, FINAL)
+        shutil.copy2(final, FINAL_CHECKPOINT)
 
 
 if __name__ == "__main__":

@@ -26,21 +26,11 @@ from torchvision.datasets import ImageFolder
 from torchvision.io import decode_png
 
 import unite.data.shards as shards_module
-from unite.data import (
-    DataError,
-    center_crop,
-    folder_loader,
-    list_image_folder,
-    read_index,
-    read_manifest,
-    read_shard,
-    shard_loader,
-    shard_plan,
-    to_rgb,
-    write_manifest,
-    write_shards,
-)
-from unite.data.image import encode_png
+from unite.data.errors import DataError
+from unite.data.image import center_crop, encode_png, to_rgb
+from unite.data.loaders import folder_loader, shard_loader
+from unite.data.manifest import list_image_folder, read_manifest, write_manifest
+from unite.data.shards import read_index, read_shard, shard_plan, write_shards
 from unite.demo_data import write_demo_folder
 
 SIZE = 16  # crop size used throughout: tiny images keep the suite fast

@@ -1,6 +1,7 @@
-"""dvc.yaml declares, for every stage, each in-repository module its command runs: a change to any
-of them reruns the stage (editing the LPIPS module reruns training, editing evaluation code reruns
-fid_ref), while a module the stage never imports leaves it cached."""
+"""dvc.yaml declares, for every stage, each in-repository module its command runs and each params
+section it reads: a change to any of them reruns the stage (editing the LPIPS module reruns training,
+editing evaluation code reruns fid_ref), while code a stage never runs leaves it cached (editing the
+trainer does not reshard ImageNet)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,15 @@ from pathlib import Path
 import pytest
 import yaml
 
+from stages.params import STAGE_SECTIONS
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("unite", "stages", "flows")
 # `data.source: "unite.data.loaders:shard_loader"`: modules named in strings are imported at run time.
 MODULE_STRING = re.compile(r"^((?:%s)(?:\.\w+)+):\w+$" % "|".join(PACKAGES))
+# stages/params.py imports the trainer only inside the train section's check (see below).
+PARAMS_MODULE = Path("stages/params.py")
+STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
 
 def module_file(name: str) -> Path | None:
@@ -25,11 +31,21 @@ def module_file(name: str) -> Path | None:
     return None
 
 
-def imported_names(path: Path) -> set[str]:
-    """Every module an in-repo file imports, at the top or inside functions, or names as 'mod:attr'."""
+def _is_type_checking(node: ast.AST) -> bool:
+    return isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+
+
+def imported_names(path: Path, in_functions: bool = True) -> set[str]:
+    """Modules an in-repo file imports (at the top, and inside functions if `in_functions`) or
+    names as 'module:attribute'; `if TYPE_CHECKING:` blocks never run."""
     names = set()
     package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
-    for node in ast.walk(ast.parse(path.read_text())):
+    pending = list(ast.parse(path.read_text()).body)
+    while pending:
+        node = pending.pop()
+        if _is_type_checking(node) or (not in_functions and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))):
+            continue
+        pending.extend(ast.iter_child_nodes(node))
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -44,38 +60,50 @@ def imported_names(path: Path) -> set[str]:
     return {n for n in names if n.split(".")[0] in PACKAGES}
 
 
-def modules_run_by(module: str) -> set[Path]:
+def modules_run_by(*modules: str, params_in_functions: bool = False) -> set[Path]:
     """The in-repo files executed by `python -m module`: its imports, transitively, with every
-    package __init__ on the way."""
+    package __init__ on the way. The imports inside stages/params.py's functions are followed only
+    with `params_in_functions` (they load the trainer to check the train section)."""
     seen: set[Path] = set()
-    pending = [module]
+    pending = list(modules)
     while pending:
-        name = pending.pop()
-        parts = name.split(".")
+        parts = pending.pop().split(".")
         for depth in range(1, len(parts) + 1):
             path = module_file(".".join(parts[:depth]))
             if path is not None and path not in seen:
                 seen.add(path)
-                pending.extend(imported_names(path))
+                in_functions = params_in_functions or path.relative_to(ROOT) != PARAMS_MODULE
+                pending.extend(imported_names(path, in_functions))
     return {p.relative_to(ROOT) for p in seen}
 
 
-def stage_modules(cmd: str) -> list[str]:
-    return re.findall(r"-m\s+([\w.]+)", cmd)
-
-
-STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+def stage_modules(stage: str, cmd: str) -> list[str]:
+    """The modules `cmd` runs; `python -m stages.launch NAME` also runs stages.NAME under torchrun."""
+    modules = re.findall(r"-m\s+([\w.]+)", cmd)
+    if "stages.launch" in modules:
+        modules += [f"stages.{name}" for name in re.findall(r"-m\s+stages\.launch\s+(\w+)", cmd)]
+    return modules
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_every_module_a_stage_runs_is_a_dependency(stage: str) -> None:
     spec = STAGES[stage]
-    modules = stage_modules(spec["cmd"])
+    modules = stage_modules(stage, spec["cmd"])
     assert modules, f"{stage}: cmd {spec['cmd']!r} runs no `-m module` this test can follow"
     deps = [Path(dep) for dep in spec.get("deps", [])]
-    ran = set().union(*(modules_run_by(m) for m in modules))
+    ran = modules_run_by(*modules, params_in_functions="train" in STAGE_SECTIONS.get(stage, ()))
     missing = sorted(str(f) for f in ran if not any(f == d or d in f.parents for d in deps))
     assert not missing, f"dvc.yaml stage {stage} runs these files but does not depend on them: {missing}"
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_SECTIONS))
+def test_every_params_section_a_stage_reads_is_declared(stage: str) -> None:
+    declared = STAGES[stage].get("params", [])
+    if any(isinstance(item, dict) and "params.yaml" in item for item in declared):
+        return  # the whole file
+    sections = {str(item).split(".")[0] for item in declared}
+    missing = sorted(set(STAGE_SECTIONS[stage]) - sections)
+    assert not missing, f"dvc.yaml stage {stage} reads params sections {missing} without declaring them"
 
 
 def test_the_import_walk_follows_lazy_imports_and_module_strings() -> None:
@@ -83,3 +111,6 @@ def test_the_import_walk_follows_lazy_imports_and_module_strings() -> None:
     assert Path("unite/perceptual.py") in modules_run_by("unite.model")
     assert Path("unite/data/loaders.py") in modules_run_by("stages.train")
     assert Path("unite/data/__init__.py") in modules_run_by("unite.data.loaders")
+    # The trainer is reached through params.py only where the train section is read.
+    assert Path("unite/train.py") not in modules_run_by("stages.shard")
+    assert Path("unite/train.py") in modules_run_by("stages.shard", params_in_functions=True)

@@ -14,7 +14,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import perturb_, small_config
-from unite.data import write_manifest, write_shards
+from unite.data.manifest import write_manifest
+from unite.data.shards import write_shards
 from unite.demo_data import write_demo_folder
 from unite.distributed import Runtime
 from unite.evaluation import generate_and_score, reconstruct

@@ -24,7 +24,9 @@ from test_train import train_config, train_values
 from unite.checkpoint import load_checkpoint
 from unite.cli import main as unite_main
 from unite.config import ConfigError
-from unite.data import shard_loader, write_manifest, write_shards
+from unite.data.loaders import shard_loader
+from unite.data.manifest import write_manifest
+from unite.data.shards import write_shards
 from unite.evaluation import load_exported_model
 from unite.model import UNITE
 from unite.safe_load import UntrustedPickleError, load_torch_file

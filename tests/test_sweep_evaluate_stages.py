@@ -16,7 +16,8 @@ from safetensors.torch import save_file
 from conftest import perturb_, small_config
 from stages import evaluate as evaluate_stage
 from stages import sweep as sweep_stage
-from unite.data import write_manifest, write_shards
+from unite.data.manifest import write_manifest
+from unite.data.shards import write_shards
 from unite.demo_data import write_demo_folder
 from unite.fid import PixelFeatures, compute_reference_stats, iter_shard_images
 from unite.model import UNITE

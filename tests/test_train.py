@@ -23,7 +23,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from unite.checkpoint import list_checkpoints, load_checkpoint
 from unite.config import ConfigError, model_config
-from unite.data import shard_loader, write_manifest, write_shards
+from unite.data.loaders import shard_loader
+from unite.data.manifest import write_manifest
+from unite.data.shards import write_shards
 from unite.model import UNITE
 from unite.optim import EMA, LRSchedule, split_parameters
 from unite.train import (

@@ -8,7 +8,6 @@ weights and are reported as Frechet distances ("fd"), never as FID.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -31,7 +30,7 @@ from tqdm import tqdm
 
 from unite.options import FEATURE_SPACES
 
-from unite.safe_load import UntrustedPickleError, load_torch_file
+from unite.safe_load import UntrustedPickleError, load_torch_file, weights_check
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_FILE}"
@@ -213,20 +212,6 @@ def distance_key(feature_space: str) -> str:
     """The metric name of a Frechet distance in a space (kind or full name): "fid" in Inception
     space only, "fd" elsewhere."""
     return "fid" if feature_space_kind(feature_space) == "inception" else "fd"
-
-
-def weights_check(path: Path, sha256_prefix: str) -> str:
-    """"official" when the file's sha256 starts with the official file's prefix, else a warning
-    that travels with the metrics: scores from other weights (a rehearsal's random ones, a
-    re-export) are not comparable with published numbers."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(chunk)
-    sha256 = digest.hexdigest()
-    if sha256.startswith(sha256_prefix):
-        return "official"
-    return f"NOT the official weights (sha256 {sha256[:16]}..., expected {sha256_prefix}...): not comparable to published scores"
 
 
 @dataclass

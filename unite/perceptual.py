@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from unite.fid import weights_check
 
 VGG16_FILE = "vgg16-397923af.pth"
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
@@ -46,7 +45,7 @@ def build_lpips(vgg_weights: str | None = None, random_backbone: bool = False) -
     """A frozen LPIPS(VGG) module; `random_backbone=True` (tests only) skips the trunk weights."""
     import lpips
 
-    from unite.safe_load import load_torch_file
+    from unite.safe_load import load_torch_file, weights_check
 
     weights_path = None if random_backbone else find_vgg16_weights(vgg_weights)
     # lpips prints its setup on stdout and calls torchvision with its deprecated `pretrained` flag.

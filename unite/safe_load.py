@@ -10,6 +10,7 @@ warning.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import re
@@ -104,3 +105,17 @@ def trust_pickle_from_env(variable: str) -> bool:
     if value not in ("", "0", "1"):
         raise ConfigError(f"{variable}={value!r}: must be 1 (trust pickled files) or 0 (refuse them)")
     return value == "1"
+
+
+def weights_check(path: Path, sha256_prefix: str) -> str:
+    """"official" when the file's sha256 starts with the official file's prefix, else a warning
+    that travels with the metrics: scores from other weights (a rehearsal's random ones, a
+    re-export) are not comparable with published numbers."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(chunk)
+    sha256 = digest.hexdigest()
+    if sha256.startswith(sha256_prefix):
+        return "official"
+    return f"NOT the official weights (sha256 {sha256[:16]}..., expected {sha256_prefix}...): not comparable to published scores"
