@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -66,8 +68,6 @@ def test_rehearsal_runs_every_stage_of_the_preset(preset: str, tmp_path: Path) -
 
     # JPEG source, JiT-format statistics (mu and sigma only), Inception FID, LPIPS in training and evaluation.
     assert len(list((repo / "data" / "imagenet" / "train").rglob("*.JPEG"))) == 48
-    import numpy as np
-
     with np.load(repo / params["fid_ref.stats"]) as stats:
         assert sorted(stats.files) == ["mu", "sigma"]
     train = json.loads((repo / "metrics" / "train.json").read_text())
@@ -82,3 +82,10 @@ def test_rehearsal_runs_every_stage_of_the_preset(preset: str, tmp_path: Path) -
     assert reconstruction["lpips_weights"].startswith("NOT the official weights")
     sweep = json.loads((repo / "metrics" / "sweep.json").read_text())
     assert sweep["chosen"]["fid"] >= 0
+
+
+def test_gpu_check_refuses_without_cuda() -> None:
+    result = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check"], cwd=ROOT, capture_output=True,
+                            text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, timeout=300)
+    assert result.returncode == 2 and result.stdout == ""
+    assert "benchmarks.gpu_check: no CUDA GPU here" in result.stderr and "stages.rehearse --all" in result.stderr
