@@ -15,6 +15,9 @@ from PIL import Image
 from threadpoolctl import threadpool_limits
 
 from unite.cli import main
+from unite.data.image import center_crop
+from unite.data.manifest import write_manifest
+from unite.data.shards import write_shards
 from unite.fid import PixelFeatures, frechet_distance
 from unite.stand_in_weights import write_random_inception_weights
 
@@ -96,6 +99,37 @@ def test_fid_stats_from_a_folder_and_from_shards_then_fid_against_the_npz(inputs
     assert via_npz["fd"] == pytest.approx(frechet_distance(*pixel_stats(root / "gen"), *pixel_stats(root / "ref")),
                                           rel=1e-9)
     assert PixelFeatures().name == via_npz["feature_space"]
+
+
+@pytest.mark.parametrize("store", ["png", "npy", "source"])
+def test_fid_stats_on_shards_of_every_store_equal_the_cropped_folder(store, tmp_path, capsys):
+    """Shards of each store give the statistics of their source folder's centre crops (non-square,
+    grayscale, JPEG and already-square sources)."""
+    rng = np.random.default_rng(1)
+    sources = tmp_path / "source"
+    cropped = tmp_path / "cropped"
+    cropped.mkdir()
+    shapes_modes = [((20, 30), "RGB", "png"), ((40, 16), "L", "png"), ((25, 25), "RGB", "jpg"), ((16, 16), "RGB", "png")]
+    for index in range(12):
+        (height, width), mode, ext = shapes_modes[index % len(shapes_modes)]
+        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        image = Image.fromarray(pixels).convert(mode)
+        path = sources / f"class{index % 2}" / f"{index:02d}.{ext}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path)
+        with Image.open(path) as stored:
+            center_crop(stored.convert("RGB"), 16).save(cropped / f"{index:02d}.png")
+    write_manifest(sources, tmp_path / "list.tsv", progress=False)
+    write_shards(sources, tmp_path / "list.tsv", tmp_path / "shards", image_size=16, shard_size=5, store=store,
+                 workers=1, progress=False)
+    shards = sorted(str(path) for path in (tmp_path / "shards").glob("*.tar"))
+    assert len(shards) == 3
+    assert main(["fid-stats", *shards, str(tmp_path / "shards.npz"), "--feature-space", "pixel"]) == 0
+    assert main(["fid-stats", str(cropped), str(tmp_path / "folder.npz"), "--feature-space", "pixel"]) == 0
+    from_shards, from_folder = np.load(tmp_path / "shards.npz"), np.load(tmp_path / "folder.npz")
+    assert int(from_shards["num_images"]) == int(from_folder["num_images"]) == 12
+    np.testing.assert_allclose(from_shards["mu"], from_folder["mu"], rtol=1e-12)
+    np.testing.assert_allclose(from_shards["sigma"], from_folder["sigma"], rtol=1e-10, atol=1e-15)
 
 
 def test_unite_fid_errors_name_the_missing_input(inputs, tmp_path, capsys, monkeypatch):

@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     fid.set_defaults(handler=_fid)
 
     fid_stats = commands.add_parser("fid-stats", help="write reference statistics (mu, sigma) of real images")
-    fid_stats.add_argument("source", nargs="+", help="an image folder, an image .npz, or webdataset .tar shards")
+    fid_stats.add_argument("source", nargs="+", help="an image folder, an image .npz, or .tar shards of any store "
+                                                       "(png, npy, source; cropped to the size in their index.json)")
     fid_stats.add_argument("out", help="output statistics .npz")
     _add_feature_args(fid_stats)
     fid_stats.set_defaults(handler=_fid_stats)

@@ -13,7 +13,6 @@ import json
 import os
 import pickle
 import sys
-import tarfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,9 @@ from threadpoolctl import threadpool_limits
 from torch import Tensor
 from tqdm import tqdm
 
+from unite.data.errors import DataError
+from unite.data.loaders import sample_pixels
+from unite.data.shards import INDEX_NAME, read_index, read_shard
 from unite.options import FEATURE_SPACES
 
 from unite.safe_load import UntrustedPickleError, load_torch_file, weights_check
@@ -472,19 +474,37 @@ def _npz_images(path: Path) -> np.ndarray:
     )
 
 
+def _shard_image_size(shard_dir: Path) -> int | None:
+    """The crop size in the index beside a shard (the sharder writes one); None without an index."""
+    if not (shard_dir / INDEX_NAME).is_file():
+        return None
+    return read_index(shard_dir)["params"]["image_size"]
+
+
 def iter_shard_images(shards: Sequence[str | os.PathLike], batch_size: int = 64) -> Iterator[Tensor]:
-    """uint8 batches of the `png` images in webdataset tar shards, in shard and member order."""
+    """uint8 batches of the images in webdataset tar shards of any store (png, npy, source), in shard
+    and member order, decoded and centre-cropped as the training loaders do (unite.data)."""
+    sizes: dict[Path, int | None] = {}
     batch: list[Tensor] = []
-    for shard in shards:
-        with tarfile.open(shard) as archive:
-            for member in archive:
-                if not member.isfile() or not member.name.endswith(".png"):
-                    continue
-                with Image.open(io.BytesIO(archive.extractfile(member).read())) as image:
-                    batch.append(torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1))
+    shape = None
+    for shard in map(Path, shards):
+        try:
+            if shard.parent not in sizes:
+                sizes[shard.parent] = _shard_image_size(shard.parent)
+            for sample in read_shard(shard):
+                pixels = torch.from_numpy(sample_pixels(sample, sizes[shard.parent]).copy()).permute(2, 0, 1)
+                shape = shape or pixels.shape
+                if pixels.shape != shape:
+                    raise MetricsInputError(
+                        f"{shard}: sample {sample['__key__']!r} has {tuple(pixels.shape[1:])} pixels, earlier "
+                        f"images {tuple(shape[1:])}; all images must have one size"
+                    )
+                batch.append(pixels)
                 if len(batch) == batch_size:
                     yield torch.stack(batch)
                     batch = []
+        except DataError as exc:
+            raise MetricsInputError(f"{shard}: {exc}") from exc
     if batch:
         yield torch.stack(batch)
 
@@ -497,7 +517,7 @@ def open_images(
     recursive: bool = False,
 ) -> tuple[Iterator[Tensor], int | None]:
     """uint8 batches and their count (None if unknown) from an image folder, an image npz, or
-    webdataset .tar shards (samples with a "png" image)."""
+    webdataset .tar shards of any store."""
     paths = [Path(sources)] if isinstance(sources, (str, os.PathLike)) else [Path(s) for s in sources]
     if not paths:
         raise MetricsInputError("no image source given")

@@ -74,23 +74,36 @@ def _npy_header(size: int) -> bytes:
     return stream.getvalue()[: -size * size * 3]
 
 
-def _pixels(field: str, data: bytes, size: int) -> np.ndarray:
+def _pixels(field: str, data: bytes, size: int | None) -> np.ndarray:
     """uint8 [size, size, 3] of a sample's image field. A .npy crop becomes a read-only view of
     the sample's bytes (no image decoding, no copy: _tensor copies it once); any image format is
-    decoded, converted to RGB and centre-cropped."""
+    decoded, converted to RGB and centre-cropped. With size None (shards without an index) the
+    image is taken at the size it is stored."""
     if field != "npy":
-        return np.asarray(center_crop(to_rgb(decode(data)), size))
-    header = _npy_header(size)
-    if data.startswith(header) and len(data) == len(header) + size * size * 3:  # what the sharder writes
-        return np.frombuffer(data, np.uint8, offset=len(header)).reshape(size, size, 3)
+        image = to_rgb(decode(data))
+        return np.asarray(image if size is None else center_crop(image, size))
+    if size is not None:
+        header = _npy_header(size)
+        if data.startswith(header) and len(data) == len(header) + size * size * 3:  # what the sharder writes
+            return np.frombuffer(data, np.uint8, offset=len(header)).reshape(size, size, 3)
     stream = io.BytesIO(data)
     read_header = _NPY_HEADERS.get(np.lib.format.read_magic(stream))
     if read_header is None:
         raise DataError("npy field: unsupported .npy format version")
     shape, fortran_order, dtype = read_header(stream)
-    if dtype != np.uint8 or fortran_order or shape != (size, size, 3):
-        raise DataError(f"npy field: {dtype} {shape} array, expected C-ordered uint8 {(size, size, 3)}")
+    expected = (size, size, 3) if size is not None else (*shape[:2], 3)
+    if dtype != np.uint8 or fortran_order or len(shape) != 3 or shape != expected:
+        raise DataError(f"npy field: {dtype} {shape} array, expected C-ordered uint8 {expected}")
     return np.frombuffer(data, np.uint8, offset=stream.tell()).reshape(shape)
+
+
+def sample_pixels(sample: dict[str, Any], size: int | None) -> np.ndarray:
+    """uint8 [size, size, 3] of a shard sample (as read_shard yields it) of any store: png, npy or
+    source. The one decoding of shard images, used by the loaders and by FID statistics."""
+    fields = [k for k in sample if not k.startswith("__") and k not in (LABEL_FIELD, PATH_FIELD)]
+    if len(fields) != 1 or LABEL_FIELD not in sample:
+        raise DataError(f"fields {sorted(sample)}: expected one image field and {LABEL_FIELD!r}")
+    return _pixels(fields[0], sample[fields[0]], size)
 
 
 class ShardStream(IterableDataset):
@@ -213,11 +226,8 @@ class ShardStream(IterableDataset):
             if skip:
                 skip -= 1
                 continue
-            fields = [k for k in sample if not k.startswith("__") and k not in (LABEL_FIELD, PATH_FIELD)]
             try:
-                if len(fields) != 1 or LABEL_FIELD not in sample:
-                    raise DataError(f"fields {sorted(sample)}: expected one image field and {LABEL_FIELD!r}")
-                pixels = _pixels(fields[0], sample[fields[0]], self.image_size)
+                pixels = sample_pixels(sample, self.image_size)
                 label = int(sample[LABEL_FIELD])
             except Exception as exc:  # a damaged sample is skipped and counted, as the policy says
                 self._lose(1, f"{sample.get('__url__')}: sample {sample.get('__key__')!r}: {exc!r}")
