@@ -14,6 +14,7 @@ import signal
 import tarfile
 import time
 import warnings
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -169,6 +170,17 @@ def test_encode_png_compresses_a_photograph_like_pillow():
     Image.fromarray(photo).save(pillow, format="PNG", compress_level=1)
     assert len(encode_png(photo, 1)) < 1.05 * len(pillow.getvalue())
     assert len(encode_png(photo, 1)) < 0.8 * len(encode_png(photo, 0))
+
+
+@pytest.mark.parametrize("level, row_filters", [(0, [0, 0, 0, 0]), (1, [0, 2, 2, 2]), (9, [0, 2, 2, 2])])
+def test_encode_png_filters_rows_with_up_only_when_it_compresses(level, row_filters):
+    """The filter-type byte that starts each row of the PNG's image data, read with zlib: None
+    (0) for stored data at level 0, Up (2) below the first row at levels above 0."""
+    data = encode_png(np.zeros((4, 5, 3), np.uint8), level)
+    idat = data.index(b"IDAT")
+    length = int.from_bytes(data[idat - 4 : idat], "big")
+    rows = zlib.decompress(data[idat + 4 : idat + 4 + length])
+    assert [rows[row * (1 + 5 * 3)] for row in range(4)] == row_filters
 
 
 @pytest.mark.parametrize("mode", ["CMYK", "L", "LA", "RGBA", "P", "I;16", "1"])

@@ -1,4 +1,5 @@
-"""Decoding to RGB and the ADM/JiT centre crop, shared by the sharder and both loaders."""
+"""Decoding to RGB and the ADM/JiT centre crop, shared by the sharder, both loaders and FID statistics,
+and the PNG encoding of the shards."""
 
 from __future__ import annotations
 
@@ -64,10 +65,11 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 def encode_png(pixels: np.ndarray, level: int) -> bytes:
     """A lossless 8-bit RGB PNG of uint8 HxWx3 pixels, zlib level `level` (0 stores).
 
-    Every row but the first uses PNG's Up filter (the difference to the row above) instead of
-    the per-row choice of Pillow and libpng, whose Paeth rows dominate decoding: on 256x256
-    crops of photographs these files are as small as Pillow's at the same level and decode
-    about 1.5x faster, which is what a training loader pays for on every epoch.
+    At level 0 no row is filtered (stored data gains nothing from a filter), so decoding is a
+    copy. Above 0, every row but the first uses PNG's Up filter (the difference to the row
+    above) instead of the per-row choice of Pillow and libpng, whose Paeth rows dominate
+    decoding: on 256x256 crops of photographs these files are as small as Pillow's at the same
+    level and decode about 1.5x faster, which is what a training loader pays for on every epoch.
     """
     if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
         raise ValueError(f"pixels: {pixels.dtype} {pixels.shape}, expected uint8 (height, width, 3)")
@@ -75,7 +77,7 @@ def encode_png(pixels: np.ndarray, level: int) -> bytes:
     rows = pixels.reshape(height, width * 3)
     filtered = np.zeros((height, width * 3 + 1), np.uint8)  # a filter-type byte, then the row
     filtered[:, 1:] = rows
-    if level > 0:  # stored data gains nothing from a filter
+    if level > 0:
         filtered[1:, 0] = 2  # Up
         np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # modulo 256, as PNG defines it
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, not interlaced
