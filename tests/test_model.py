@@ -277,6 +277,19 @@ def test_bad_training_labels_are_rejected(small_model, labels, text):
     assert text in str(error.value)
 
 
+def test_input_checks_read_no_values_off_the_cpu(small_model):
+    """On a device, reading values back would cost a host sync per micro-batch: the checks keep to
+    shapes and dtypes there. Meta tensors hold no values, so any read of them fails."""
+    small_model.check_images(torch.empty(2, 3, 32, 32, device="meta"))
+    small_model.check_labels(torch.empty(2, dtype=torch.long, device="meta"), allow_null=False)
+    with pytest.raises(ValueError, match=r"expected shape \(B, 3, 32, 32\)"):
+        small_model.check_images(torch.empty(2, 3, 16, 16, device="meta"))
+    with pytest.raises(ValueError, match="float tensor"):
+        small_model.check_images(torch.empty(2, 3, 32, 32, dtype=torch.uint8, device="meta"))
+    with pytest.raises(ValueError, match="1-D integer tensor"):
+        small_model.check_labels(torch.empty(2, device="meta"), allow_null=True)
+
+
 def test_rope_rotates_adjacent_channel_pairs():
     # The spec's definition written out: q' = q cos + rot(q) sin with rot(x0, x1) = (-x1, x0).
     from unite.model import apply_rope, rope_complex

@@ -324,7 +324,10 @@ class UNITE(nn.Module):
         return self.cfg.num_classes
 
     # ----------------------------------------------------------------- input checks
+    # Shapes and dtypes are always checked. Values are checked on CPU tensors only: reading them
+    # back from an accelerator would cost a host sync per micro-batch.
     def check_images(self, images: Tensor) -> None:
+        """Shape (B, 3, S, S), a float dtype and, on CPU, values in [0, 1]."""
         size = self.cfg.image_size
         if images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size):
             raise ValueError(
@@ -332,6 +335,8 @@ class UNITE(nn.Module):
             )
         if not images.is_floating_point():
             raise ValueError(f"images: expected a float tensor in [0, 1], got dtype {images.dtype}")
+        if images.device.type != "cpu":
+            return
         low, high = torch.aminmax(images.detach())
         if low < 0 or high > 1:
             raise ValueError(
@@ -340,12 +345,13 @@ class UNITE(nn.Module):
             )
 
     def check_labels(self, labels: Tensor, allow_null: bool) -> None:
+        """A 1-D integer tensor and, on CPU, values from 0 to the last class (or the null label)."""
         high = self.cfg.num_classes if allow_null else self.cfg.num_classes - 1
         if labels.ndim != 1 or labels.is_floating_point() or labels.dtype == torch.bool:
             raise ValueError(
                 f"labels: expected a 1-D integer tensor, got dtype {labels.dtype}, shape {tuple(labels.shape)}"
             )
-        if labels.numel():
+        if labels.numel() and labels.device.type == "cpu":
             low, top = torch.aminmax(labels.detach())
             if low < 0 or top > high:
                 rule = f"[0, {high}]" + (f" ({high} is the null label)" if allow_null else "")
