@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from unite.config import ConfigError
-from unite.options import FEATURE_SPACES, NORM_ORDERS, SHARD_STORES, SOLVERS
+from unite.options import FEATURE_SPACES, NORM_ORDERS, SHARD_STORES, SOLVERS, has_type
 
 if TYPE_CHECKING:
     from unite.train import TrainConfig
@@ -44,18 +44,6 @@ CHOICES = {
 }
 
 
-def _type_ok(value: Any, expected: Any) -> bool:
-    if isinstance(expected, tuple):
-        return any(_type_ok(value, e) for e in expected)
-    if expected is None:
-        return value is None
-    if expected is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if expected is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, expected)
-
-
 def _type_name(expected: Any) -> str:
     if isinstance(expected, tuple):
         return " or ".join(_type_name(e) for e in expected)
@@ -72,7 +60,7 @@ def _check_section(name: str, section: Any, schema: dict[str, Any]) -> None:
         if key not in section:
             raise ConfigError(f"{name}.{key}: required key is missing")
         value = section[key]
-        if not _type_ok(value, expected):
+        if not has_type(value, expected):
             raise ConfigError(f"{name}.{key}={value!r}: must be {_type_name(expected)}")
         choices = CHOICES.get((name, key))
         if choices and value not in choices:
@@ -80,7 +68,7 @@ def _check_section(name: str, section: Any, schema: dict[str, Any]) -> None:
 
 
 def _check_interval(key: str, interval: Any) -> None:
-    if (not isinstance(interval, list) or len(interval) != 2 or not all(_type_ok(v, float) for v in interval)
+    if (not isinstance(interval, list) or len(interval) != 2 or not all(has_type(v, float) for v in interval)
             or not 0 <= interval[0] < interval[1] <= 1):
         raise ConfigError(f"{key}={interval!r}: must be [low, high] with 0 <= low < high <= 1")
 
@@ -111,7 +99,7 @@ def _check_train(train: Any, shard_image_size: int | None) -> None:
     for key, expected in TRAIN_STAGE_KEYS.items():
         if key not in train:
             raise ConfigError(f"train.{key}: required key is missing")
-        if not _type_ok(train[key], expected):
+        if not has_type(train[key], expected):
             raise ConfigError(f"train.{key}={train[key]!r}: must be {_type_name(expected)}")
     try:
         cfg = train_config(train, out_dir="checkpoints", data={"kind": "synthetic", "num_images": 1, "seed": 0})

@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from unite.options import has_type
+
 # (depth, hidden, heads) of the Generative Encoder.
 ENCODER_SIZES: dict[str, tuple[int, int, int]] = {
     "Tiny": (6, 64, 2),
@@ -76,7 +78,7 @@ class ModelConfig:
         ]
         for name in positive:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not has_type(value, int) or value <= 0:
                 raise ConfigError(f"{name}={value!r}: must be a positive integer")
         if self.in_context_start < 0:
             raise ConfigError(f"in_context_start={self.in_context_start}: must be >= 0")

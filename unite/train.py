@@ -77,6 +77,7 @@ from unite.optim import (
     trained_parameters,
     unite_b_schedule,
 )
+from unite.options import has_type
 from unite.safe_load import UntrustedPickleError
 
 # Quirk kept from the reference: this parameter exists but is never used, so it never gets a
@@ -175,13 +176,7 @@ class TrainConfig:
 
 
 def _check_type(key: str, value: Any, expected: type) -> None:
-    if expected is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    elif expected is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    else:
-        ok = isinstance(value, expected)
-    if not ok:
+    if not has_type(value, expected):
         raise ConfigError(f"{key}={value!r}: must be of type {expected.__name__}")
 
 

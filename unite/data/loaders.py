@@ -28,6 +28,7 @@ from unite.data.errors import DataError
 from unite.data.image import IMAGE_EXTENSIONS, center_crop, decode, to_rgb
 from unite.data.manifest import Manifest, list_image_folder, read_manifest
 from unite.data.shards import LABEL_FIELD, PATH_FIELD, read_index, read_shard
+from unite.options import has_type
 
 
 class Batch(NamedTuple):
@@ -51,7 +52,7 @@ def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]
 def _check_counts(**values: int) -> None:
     minimum = {"num_workers": 0}
     for field, value in values.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum.get(field, 1):
+        if not has_type(value, int) or value < minimum.get(field, 1):
             raise DataError(f"{field}={value!r}: must be an integer >= {minimum.get(field, 1)}")
 
 

@@ -36,7 +36,7 @@ from webdataset import TarWriter
 from unite.data.errors import DataError
 from unite.data.image import center_crop, decode, encode_png, to_rgb
 from unite.data.manifest import read_manifest
-from unite.options import SHARD_STORES
+from unite.options import SHARD_STORES, has_type
 
 SHARD_FORMAT = "unite-shards/2"
 INDEX_NAME = "index.json"
@@ -247,9 +247,9 @@ def write_shards(
     """
     root, out_dir = Path(root), Path(out_dir)
     for field, value in (("image_size", image_size), ("shard_size", shard_size), ("workers", workers)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not has_type(value, int) or value < 1:
             raise DataError(f"{field}={value!r}: must be a positive integer")
-    if not isinstance(png_level, int) or isinstance(png_level, bool) or not 0 <= png_level <= 9:
+    if not has_type(png_level, int) or not 0 <= png_level <= 9:
         raise DataError(f"png_level={png_level!r}: must be an integer from 0 to 9")
     if store not in SHARD_STORES:
         raise DataError(f"store={store!r}: must be one of {SHARD_STORES}")
