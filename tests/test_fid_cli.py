@@ -109,7 +109,8 @@ def test_fid_stats_on_shards_of_every_store_equal_the_cropped_folder(store, tmp_
     sources = tmp_path / "source"
     cropped = tmp_path / "cropped"
     cropped.mkdir()
-    shapes_modes = [((20, 30), "RGB", "png"), ((40, 16), "L", "png"), ((25, 25), "RGB", "jpg"), ((16, 16), "RGB", "png")]
+    shapes_modes = [((20, 30), "RGB", "png"), ((40, 16), "L", "png"), ((25, 25), "RGB", "jpg"),
+                    ((16, 16), "RGB", "png")]
     for index in range(12):
         (height, width), mode, ext = shapes_modes[index % len(shapes_modes)]
         pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)

@@ -36,7 +36,8 @@ def test_a_bool_count_is_refused_by_the_model_the_trainer_and_params_yaml(tmp_pa
     with pytest.raises(ConfigError, match=r"^num_classes=True: must be a positive integer$"):
         model_config("Tiny", "Tiny", num_classes=True)
     with pytest.raises(ConfigError, match=r"^log_every=True: must be of type int$"):
-        TrainConfig.from_dict({"model": {"encoder": "Tiny", "decoder": "Tiny"}, "data": {"kind": "synthetic", "num_images": 4},
+        TrainConfig.from_dict({"model": {"encoder": "Tiny", "decoder": "Tiny"},
+                               "data": {"kind": "synthetic", "num_images": 4},
                                "out_dir": str(tmp_path), "max_steps": 1, "log_every": True})
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["shard"]["shard_size"] = True
