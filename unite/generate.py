@@ -77,6 +77,7 @@ def generate(
     labels = class_balanced_labels(num_images, cfg.num_classes) if labels is None else labels.cpu()
     if labels.shape != (num_images,):
         raise ValueError(f"labels: expected shape ({num_images},), got {tuple(labels.shape)}")
+    model.check_labels(labels, allow_null=True)  # on the host, before any block goes to the device
     device = next(model.parameters()).device
     blocks = rank_blocks(num_images, block_size, rank, world_size)
     bar = tqdm(total=sum(len(b) for b in blocks), desc=f"generate ({solver})", unit="img",

@@ -503,6 +503,7 @@ class Engine:
         parts = torch.zeros(len(LOSS_PARTS), device=device)
         for micro in range(self.accum):
             images, labels = next(batches)
+            self.raw.check_labels(labels, allow_null=False)  # on the host: no device sync, no device assert
             images = images.to(device, non_blocking=True)
             if images.dtype == torch.uint8:  # loaders ship bytes; floats are made on the device
                 images = images.float().div_(255)
