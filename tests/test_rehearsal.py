@@ -81,7 +81,7 @@ def test_rehearsal_runs_every_stage_of_the_preset(preset: str, tmp_path: Path) -
     assert generation["weights"].startswith("NOT the official weights")
     assert reconstruction["lpips_weights"].startswith("NOT the official weights")
     sweep = json.loads((repo / "metrics" / "sweep.json").read_text())
-    assert sweep["chosen"]["fid"] >= 0
+    assert sweep["chosen"]["frechet_distance"] >= 0 and len(sweep["points"]) >= 2 + 5  # search and the 5 wide points
 
 
 def test_gpu_check_refuses_without_cuda() -> None:
