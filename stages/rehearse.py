@@ -128,14 +128,19 @@ def write_jit_stats(path: Path, images: torch.Tensor, inception_weights: Path) -
     np.savez(path, mu=stats.mu, sigma=stats.sigma)
 
 
-def copy_repository(target: Path) -> None:
-    """The repository's files as a fresh clone has them (plus uncommitted, not ignored ones)."""
+def copy_files(target: Path) -> None:
+    """Copy the repository's files as a fresh clone has them (plus uncommitted, not ignored ones)."""
     listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
                             text=True, check=True).stdout.splitlines()
     for name in listed:
         if (ROOT / name).is_file():
             (target / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, target / name)
+
+
+def copy_repository(target: Path) -> None:
+    """copy_files into a new git repository with one commit, as a clone is."""
+    copy_files(target)
     identity = ["-c", "user.name=unite-rehearsal", "-c", "user.email=rehearsal@localhost"]
     for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", *identity, "commit", "-qm", "rehearsal"]):
         subprocess.run(command, cwd=target, check=True, capture_output=True)

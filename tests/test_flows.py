@@ -47,6 +47,7 @@ from prefect.settings import PREFECT_API_URL  # noqa: E402
 from prefect.states import Cancelling  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
+from stages.rehearse import copy_files  # noqa: E402
 from flows.pipeline import (  # noqa: E402
     LOCK_MESSAGE,
     METRICS_KEY,
@@ -173,11 +174,7 @@ def _run(repo: Path, *args: str, timeout: float = 900) -> subprocess.CompletedPr
 def _fresh_clone_after_demo(path: Path) -> Path:
     """A newcomer's state: the project's files in one commit, then `dvc repro` (what `scripts/demo`
     runs), nothing committed since, so dvc.lock and the uncached metrics are untracked files."""
-    files = _git(ROOT, "ls-files", "-co", "--exclude-standard").split()
-    for name in files:
-        if (ROOT / name).is_file():
-            (path / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, path / name)
+    copy_files(path)
     params_file = path / "params.yaml"
     params_file.write_text(yaml.safe_dump(_merge(yaml.safe_load(params_file.read_text()), TINY_PARAMS)))
     _git(path, "init", "-q")

@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 import yaml
 
+from stages.rehearse import copy_files
+
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
@@ -75,12 +77,7 @@ class Repo:
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Repo:
     path = tmp_path_factory.mktemp("pipeline") / "repo"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for name in files:
-        if (ROOT / name).is_file():
-            (path / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, path / name)
+    copy_files(path)
     repo = Repo(path)
     repo.set_params(TINY)
     repo.run("git", "init", "-q")
