@@ -768,6 +768,8 @@ def test_demo_folder_is_deterministic_stratified_and_shards_end_to_end(tmp_path)
         write_demo_folder(tmp_path / "a")
     with pytest.raises(DataError, match="image_size=4: must be an integer >= 8"):
         write_demo_folder(tmp_path / "c", image_size=4)
+    with pytest.raises(DataError, match="image_size=True: must be an integer >= 8"):
+        write_demo_folder(tmp_path / "c", image_size=True)
 
     manifest = write_manifest(tmp_path / "a" / "val", tmp_path / "val.tsv", progress=False)
     index = write_shards(tmp_path / "a" / "val", tmp_path / "val.tsv", tmp_path / "shards", image_size=12,

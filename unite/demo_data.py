@@ -11,6 +11,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from unite.data.errors import DataError
+from unite.options import has_type
 
 
 def write_demo_folder(
@@ -27,7 +28,7 @@ def write_demo_folder(
     that no stale image survives from another resolution or split. Returns the image count per
     split.
     """
-    if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 8:
+    if not has_type(image_size, int) or image_size < 8:
         raise DataError(f"image_size={image_size!r}: must be an integer >= 8 (the digits are 8x8)")
     if not 0 < val_fraction < 1:
         raise DataError(f"val_fraction={val_fraction!r}: must lie strictly between 0 and 1")
