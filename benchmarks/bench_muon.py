@@ -12,8 +12,8 @@ line per variant.
 With `--nproc N` (N > 1) it starts N processes in one process group (gloo on CPU, NCCL on
 CUDA with one GPU per rank), each with the same gradients, and times unite.optim.Muon with every
 rank orthogonalising every matrix against the share-out (`share_across_ranks`: each rank its
-share, then one all-gather) and, as a candidate, the share-out with one broadcast per rank
-instead of the all-gather. A step's time is the slowest rank's (the ranks start it together);
+share), its results exchanged by one all-gather (what unite.optim.Muon does on NCCL) and by one
+broadcast per rank (what it does on gloo). A step's time is the slowest rank's (the ranks start it together);
 CPU time is the mean over ranks. Threads per rank: `--threads`, default 1.
 """
 
@@ -33,7 +33,15 @@ import torch.multiprocessing as mp
 from benchmarks.bench_train import PRESETS
 from unite.config import model_config
 from unite.model import UNITE
-from unite.optim import NS_COEFFICIENTS, NS_STEPS, Muon, adjusted_lr, split_parameters
+from unite.optim import (
+    NS_COEFFICIENTS,
+    NS_STEPS,
+    Muon,
+    adjusted_lr,
+    gather_by_all_gather,
+    gather_by_broadcasts,
+    split_parameters,
+)
 
 RECIPE = {"lr": 1e-3, "weight_decay": 0.0, "momentum": 0.95, "nesterov": True, "eps": 1e-6,
           "adjust_lr_fn": "match_rms_adamw"}
@@ -77,18 +85,16 @@ class BatchedMuon(Muon):
                     params[i].add_(update, alpha=-lr)
 
 
-class BroadcastShareMuon(Muon):
-    """The share-out candidate: each rank's slot reaches the others by a broadcast of its own,
-    all issued at once, instead of one all-gather."""
+class AllGatherShareMuon(Muon):
+    """The share-out with the results exchanged by one all-gather (NCCL's way)."""
 
-    @staticmethod
-    def _gather_results(mine: torch.Tensor) -> torch.Tensor:
-        world_size = dist.get_world_size()
-        slots = mine.new_empty(world_size * mine.numel()).view(world_size, -1)
-        slots[dist.get_rank()].copy_(mine)
-        for work in [dist.broadcast(slots[rank], src=rank, async_op=True) for rank in range(world_size)]:
-            work.wait()
-        return slots.view(-1)
+    _gather_results = staticmethod(gather_by_all_gather)
+
+
+class BroadcastShareMuon(Muon):
+    """The share-out with the results exchanged by one broadcast per rank (gloo's way)."""
+
+    _gather_results = staticmethod(gather_by_broadcasts)
 
 
 def variants(params: list[torch.nn.Parameter]) -> dict[str, torch.optim.Optimizer]:
@@ -106,9 +112,8 @@ def shared_variants(params: list[torch.nn.Parameter]) -> dict[str, torch.optim.O
     for dtype in ("float32", "bfloat16"):
         ns_dtype = getattr(torch, dtype)
         found[f"{dtype}"] = Muon(params, ns_dtype=ns_dtype, **RECIPE)
-        found[f"{dtype} shared"] = Muon(params, ns_dtype=ns_dtype, share_across_ranks=True, **RECIPE)
-        found[f"{dtype} shared broadcast"] = BroadcastShareMuon(
-            params, ns_dtype=ns_dtype, share_across_ranks=True, **RECIPE)
+        for name, share in (("all-gather", AllGatherShareMuon), ("broadcasts", BroadcastShareMuon)):
+            found[f"{dtype} shared {name}"] = share(params, ns_dtype=ns_dtype, share_across_ranks=True, **RECIPE)
     return found
 
 

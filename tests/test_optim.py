@@ -27,6 +27,7 @@ from unite.optim import (
     NS_STEPS,
     assign_owners,
     build_optimizers,
+    gather_by_all_gather,
     newton_schulz_cost,
     newton_schulz_dtype,
     split_parameters,
@@ -189,7 +190,7 @@ def test_owners_are_balanced_and_the_same_for_the_same_shapes() -> None:
 def test_share_out_without_a_process_group_is_the_plain_step() -> None:
     shared_model, plain_model = tiny_model_with_grads(0), tiny_model_with_grads(0)
     shared = build_optimizers(shared_model, lr=0.02, ns_dtype=torch.float32, share_across_ranks=True)[0]
-    build_optimizers(plain_model, lr=0.02, ns_dtype=torch.float32)[0].step()
+    build_optimizers(plain_model, lr=0.02, ns_dtype=torch.float32, share_across_ranks=False)[0].step()
     shared.step()
     for (name, p), q in zip(shared_model.named_parameters(), plain_model.parameters()):
         assert torch.equal(p, q), name
@@ -210,10 +211,12 @@ def _share_out_rank(rank: int, port: int, folder: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     report = {}
     try:
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype, exchange in [(torch.float32, None), (torch.bfloat16, None), (torch.float32, gather_by_all_gather)]:
             shared_model, plain_model = tiny_model_with_grads(0), tiny_model_with_grads(0)
-            shared = build_optimizers(shared_model, lr=0.02, ns_dtype=dtype, share_across_ranks=True)[0]
-            plain = build_optimizers(plain_model, lr=0.02, ns_dtype=dtype)[0]
+            shared = build_optimizers(shared_model, lr=0.02, ns_dtype=dtype)[0]  # shares by default
+            if exchange is not None:  # the exchange used on NCCL, run here on gloo
+                shared._gather_results = exchange
+            plain = build_optimizers(plain_model, lr=0.02, ns_dtype=dtype, share_across_ranks=False)[0]
             generator = torch.Generator().manual_seed(1)
             differing, shared_calls = [], []
             for step in range(3):
@@ -232,7 +235,7 @@ def _share_out_rank(rank: int, port: int, folder: str) -> None:
             flat = torch.cat([p.detach().flatten() for p in shared_model.parameters()])
             gathered = [torch.empty_like(flat) for _ in range(2)]
             dist.all_gather(gathered, flat)
-            report[str(dtype)] = {"differing": differing, "momenta_equal": momenta_equal,
+            report[f"{dtype} {exchange and exchange.__name__}"] = {"differing": differing, "momenta_equal": momenta_equal,
                                   "same_on_both_ranks": torch.equal(*gathered), "shared_calls": shared_calls,
                                   "matrices": len(split_parameters(shared_model)[0])}
     finally:
@@ -246,7 +249,8 @@ def test_two_ranks_share_out_the_iteration_and_step_bit_for_bit_as_unshared(tmp_
         port = probe.getsockname()[1]
     mp.spawn(_share_out_rank, args=(port, str(tmp_path)), nprocs=2)
     reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
-    for dtype in ("torch.float32", "torch.bfloat16"):
+    assert reports[0].keys() == {"torch.float32 None", "torch.bfloat16 None", "torch.float32 gather_by_all_gather"}
+    for dtype in reports[0]:
         for rank, report in enumerate(reports):
             result = report[dtype]
             assert result["differing"] == [], f"rank {rank}, {dtype}"
