@@ -12,9 +12,10 @@ line per variant.
 With `--nproc N` (N > 1) it starts N processes in one process group (gloo on CPU, NCCL on
 CUDA with one GPU per rank), each with the same gradients, and times unite.optim.Muon with every
 rank orthogonalising every matrix against the share-out (`share_across_ranks`: each rank its
-share), its results exchanged by one all-gather (what unite.optim.Muon does on NCCL) and by one
-broadcast per rank (what it does on gloo). A step's time is the slowest rank's (the ranks start it together);
-CPU time is the mean over ranks. Threads per rank: `--threads`, default 1.
+share), its results exchanged by one all-gather (what unite.optim.Muon does on NCCL) and by
+one broadcast per rank (what it does on gloo), in an order that rotates every round. A step's
+time is the slowest rank's (the ranks start it together); CPU time is the mean over ranks.
+Threads per rank: `--threads`, default 1.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def shared_variants(params: list[torch.nn.Parameter]) -> dict[str, torch.optim.O
     found = {}
     for dtype in ("float32", "bfloat16"):
         ns_dtype = getattr(torch, dtype)
-        found[f"{dtype}"] = Muon(params, ns_dtype=ns_dtype, **RECIPE)
+        found[dtype] = Muon(params, ns_dtype=ns_dtype, **RECIPE)
         for name, share in (("all-gather", AllGatherShareMuon), ("broadcasts", BroadcastShareMuon)):
             found[f"{dtype} shared {name}"] = share(params, ns_dtype=ns_dtype, share_across_ranks=True, **RECIPE)
     return found
@@ -145,8 +146,10 @@ def run_rank(rank: int, args: argparse.Namespace, port: int) -> None:
         optimizers = shared_variants(params)
         times = {name: [] for name in optimizers}
         cpu_times = {name: [] for name in optimizers}
+        names = list(optimizers)
         for index in range(args.steps + 1):  # the first round warms up
-            for name, optimizer in optimizers.items():
+            for name in names[index % len(names):] + names[:index % len(names)]:
+                optimizer = optimizers[name]
                 dist.barrier()
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
@@ -157,7 +160,6 @@ def run_rank(rank: int, args: argparse.Namespace, port: int) -> None:
                 if index:
                     times[name].append(time.perf_counter() - start)
                     cpu_times[name].append(time.process_time() - cpu_start)
-        names = list(optimizers)
         slowest = torch.tensor([times[name] for name in names], dtype=torch.float64, device=device)
         cpu_sum = torch.tensor([cpu_times[name] for name in names], dtype=torch.float64, device=device)
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
