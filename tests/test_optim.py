@@ -153,6 +153,7 @@ def test_trainer_passes_the_dtype_to_muon(tmp_path: Path, cpu_flags, muon_dtype:
     cfg = train_config(tmp_path, muon_dtype=muon_dtype, device="cpu")
     engine = Engine(UNITE(cfg.model), cfg, init_runtime("cpu"), build_schedule(cfg.schedule, 4, 1))
     assert engine.muon.ns_dtype == expected
+    assert engine.muon.share_across_ranks  # the trainer shares the iteration out under DDP
 
 
 def test_unknown_muon_dtype_is_rejected(tmp_path: Path) -> None:

@@ -169,14 +169,18 @@ class Muon(torch.optim.Muon):
                 self._shared_group_step(group, params, grads, buffers)
                 continue
             for param, grad, buffer in zip(params, grads, buffers):
+                self._advance_momentum(group, grad, buffer)
                 update = orthogonalise(self._momentum_update(group, grad, buffer), self.ns_dtype, group["eps"])
                 self._apply(group, param, update)
         return loss
 
     @staticmethod
-    def _momentum_update(group: dict[str, Any], grad: Tensor, buffer: Tensor) -> Tensor:
-        """Advances the momentum buffer and returns the matrix to orthogonalise."""
+    def _advance_momentum(group: dict[str, Any], grad: Tensor, buffer: Tensor) -> None:
         buffer.lerp_(grad, 1 - group["momentum"])
+
+    @staticmethod
+    def _momentum_update(group: dict[str, Any], grad: Tensor, buffer: Tensor) -> Tensor:
+        """The matrix to orthogonalise, from the advanced momentum buffer."""
         return grad.lerp(buffer, group["momentum"]) if group["nesterov"] else buffer
 
     @staticmethod
@@ -189,7 +193,8 @@ class Muon(torch.optim.Muon):
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], buffers: list[Tensor]
     ) -> None:
         """Every rank advances every momentum buffer; rank r orthogonalises its own matrices into
-        its slot of a flat buffer (slots padded to the largest), which one all-gather fills in."""
+        its slot of a flat buffer (slots padded to the largest), and `_gather_results` hands
+        every rank all the slots."""
         if not params:
             return
         rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -202,9 +207,9 @@ class Muon(torch.optim.Muon):
         mine = torch.empty(slot, dtype=self.ns_dtype, device=params[0].device)
         mine[sizes[rank]:].zero_()
         for param, grad, buffer, owner, offset in zip(params, grads, buffers, owners, offsets):
-            update = self._momentum_update(group, grad, buffer)
+            self._advance_momentum(group, grad, buffer)
             if owner == rank:
-                result = orthogonalise(update, self.ns_dtype, group["eps"])
+                result = orthogonalise(self._momentum_update(group, grad, buffer), self.ns_dtype, group["eps"])
                 mine[offset:offset + param.numel()].copy_(flatten_orthogonalised(result))
         gathered = self._gather_results(mine)
         for param, owner, offset in zip(params, owners, offsets):
@@ -214,8 +219,8 @@ class Muon(torch.optim.Muon):
     @staticmethod
     def _gather_results(mine: Tensor) -> Tensor:
         """Every rank's slot, in rank order, in one flat buffer: by one broadcast per rank on
-        gloo (measured faster there by benchmarks.bench_muon --nproc 2), by one all-gather on
-        other backends (one collective instead of one per rank)."""
+        gloo (a little less CPU time there than the all-gather, benchmarks.bench_muon --nproc 2),
+        by one all-gather on other backends (one collective instead of one per rank)."""
         if dist.get_backend() == "gloo":
             return gather_by_broadcasts(mine)
         return gather_by_all_gather(mine)
