@@ -219,8 +219,9 @@ class Muon(torch.optim.Muon):
     @staticmethod
     def _gather_results(mine: Tensor) -> Tensor:
         """Every rank's slot, in rank order, in one flat buffer: by one broadcast per rank on
-        gloo (a little less CPU time there than the all-gather, benchmarks.bench_muon --nproc 2),
-        by one all-gather on other backends (one collective instead of one per rank)."""
+        gloo (5 to 10% less CPU time there than the all-gather on the reference-cpu preset's
+        matrices, benchmarks.bench_muon --nproc 2), by one all-gather on other backends (one
+        collective instead of one per rank)."""
         if dist.get_backend() == "gloo":
             return gather_by_broadcasts(mine)
         return gather_by_all_gather(mine)
