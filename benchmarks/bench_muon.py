@@ -1,27 +1,48 @@
 """Median milliseconds of one Muon step on a model's Muon weights, variants side by side.
 
     .venv/bin/python -m benchmarks.bench_muon --preset demo --threads 1
+    .venv/bin/python -m benchmarks.bench_muon --preset demo --nproc 2
 
 Times torch.optim.Muon and unite.optim.Muon with the Newton-Schulz iteration in bfloat16 and
 float32, one matrix at a time (as trained) and, as a candidate, with same-shaped matrices
 stacked into one batched product per iteration step; interleaved in one run on the same random
 gradients of the Muon weights of a `benchmarks.bench_train` preset's model. Prints one JSON
 line per variant.
+
+With `--nproc N` (N > 1) it starts N processes in one process group (gloo on CPU, NCCL on
+CUDA with one GPU per rank), each with the same gradients, and times unite.optim.Muon with every
+rank orthogonalising every matrix against the share-out (`share_across_ranks`: each rank its
+share), its results exchanged by one all-gather (what unite.optim.Muon does on NCCL) and by
+one broadcast per rank (what it does on gloo), in an order that rotates every round. A step's
+time is the slowest rank's (the ranks start it together); CPU time is the mean over ranks.
+Threads per rank: `--threads`, default 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import socket
 import statistics
 import time
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from benchmarks.bench_train import PRESETS
 from unite.config import model_config
 from unite.model import UNITE
-from unite.optim import NS_COEFFICIENTS, NS_STEPS, Muon, adjusted_lr, split_parameters
+from unite.optim import (
+    NS_COEFFICIENTS,
+    NS_STEPS,
+    Muon,
+    adjusted_lr,
+    gather_by_all_gather,
+    gather_by_broadcasts,
+    split_parameters,
+)
 
 RECIPE = {"lr": 1e-3, "weight_decay": 0.0, "momentum": 0.95, "nesterov": True, "eps": 1e-6,
           "adjust_lr_fn": "match_rms_adamw"}
@@ -65,6 +86,18 @@ class BatchedMuon(Muon):
                     params[i].add_(update, alpha=-lr)
 
 
+class AllGatherShareMuon(Muon):
+    """The share-out with the results exchanged by one all-gather (NCCL's way)."""
+
+    _gather_results = staticmethod(gather_by_all_gather)
+
+
+class BroadcastShareMuon(Muon):
+    """The share-out with the results exchanged by one broadcast per rank (gloo's way)."""
+
+    _gather_results = staticmethod(gather_by_broadcasts)
+
+
 def variants(params: list[torch.nn.Parameter]) -> dict[str, torch.optim.Optimizer]:
     return {
         "torch.optim.Muon": torch.optim.Muon(params, **RECIPE),
@@ -75,25 +108,96 @@ def variants(params: list[torch.nn.Parameter]) -> dict[str, torch.optim.Optimize
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="demo")
-    parser.add_argument("--device", help="cpu or cuda (default: the preset's)")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads on CPU (default: torch's)")
-    parser.add_argument("--steps", type=int, default=9, help="timed steps per variant, interleaved")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    preset = PRESETS[args.preset]
-    device = torch.device(args.device or preset["device"])
-    model_fields = dict(preset["model"])
+def shared_variants(params: list[torch.nn.Parameter]) -> dict[str, torch.optim.Optimizer]:
+    found = {}
+    for dtype in ("float32", "bfloat16"):
+        ns_dtype = getattr(torch, dtype)
+        found[dtype] = Muon(params, ns_dtype=ns_dtype, **RECIPE)
+        for name, share in (("all-gather", AllGatherShareMuon), ("broadcasts", BroadcastShareMuon)):
+            found[f"{dtype} shared {name}"] = share(params, ns_dtype=ns_dtype, share_across_ranks=True, **RECIPE)
+    return found
+
+
+def muon_weights_with_grads(preset_name: str, device: torch.device) -> list[torch.nn.Parameter]:
+    """The Muon weights of the preset's model, with random gradients (the same for a seed)."""
+    model_fields = dict(PRESETS[preset_name]["model"])
     model_fields.pop("lpips_random_backbone", None)
     model_fields["perceptual_weight"] = 0.0  # only the Muon weights matter here
+    torch.manual_seed(0)
     model = UNITE(model_config(model_fields.pop("encoder"), model_fields.pop("decoder"), **model_fields))
     params = [p for _, p in split_parameters(model.to(device))[0]]
     torch.manual_seed(0)
     for p in params:
         p.grad = torch.randn_like(p)
+    return params
+
+
+def run_rank(rank: int, args: argparse.Namespace, port: int) -> None:
+    """One rank of the `--nproc` run: times every shared-out variant; rank 0 prints."""
+    torch.set_num_threads(args.threads or 1)
+    device = torch.device(args.device or PRESETS[args.preset]["device"])
+    if device.type == "cuda":
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=args.nproc)
+    try:
+        params = muon_weights_with_grads(args.preset, device)
+        optimizers = shared_variants(params)
+        times = {name: [] for name in optimizers}
+        cpu_times = {name: [] for name in optimizers}
+        names = list(optimizers)
+        for index in range(args.steps + 1):  # the first round warms up
+            for name in names[index % len(names):] + names[:index % len(names)]:
+                optimizer = optimizers[name]
+                dist.barrier()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                start, cpu_start = time.perf_counter(), time.process_time()
+                optimizer.step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                if index:
+                    times[name].append(time.perf_counter() - start)
+                    cpu_times[name].append(time.process_time() - cpu_start)
+        slowest = torch.tensor([times[name] for name in names], dtype=torch.float64, device=device)
+        cpu_sum = torch.tensor([cpu_times[name] for name in names], dtype=torch.float64, device=device)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        dist.all_reduce(cpu_sum)
+        if rank == 0:
+            medians = {name: statistics.median(slowest[i].tolist()) for i, name in enumerate(names)}
+            for i, name in enumerate(names):
+                unshared = medians[name.split()[0]]
+                print(json.dumps({"preset": args.preset, "device": str(device), "nproc": args.nproc,
+                                  "threads_per_rank": torch.get_num_threads(), "variant": name,
+                                  "matrices": len(params), "median_ms": round(1e3 * medians[name], 2),
+                                  "median_cpu_ms_per_rank": round(1e3 * statistics.median(
+                                      (cpu_sum[i] / args.nproc).tolist()), 2),
+                                  "vs_unshared": round(medians[name] / unshared, 3)}), flush=True)
+    finally:
+        dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="demo")
+    parser.add_argument("--device", help="cpu or cuda (default: the preset's)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads on CPU (default: torch's; 1 per rank "
+                                                     "with --nproc)")
+    parser.add_argument("--steps", type=int, default=9, help="timed steps per variant, interleaved")
+    parser.add_argument("--nproc", type=int, default=1, help="processes in one group: times the share-out")
+    args = parser.parse_args(argv)
+    if args.nproc > 1:
+        os.environ.setdefault("OMP_NUM_THREADS", str(args.threads or 1))
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        mp.spawn(run_rank, args=(args, port), nprocs=args.nproc)
+        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or PRESETS[args.preset]["device"])
+    params = muon_weights_with_grads(args.preset, device)
     optimizers = variants(params)
     times: dict[str, list[float]] = {name: [] for name in optimizers}
     cpu_times: dict[str, list[float]] = {name: [] for name in optimizers}

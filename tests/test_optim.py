@@ -1,13 +1,18 @@
 """unite.optim.Muon against torch.optim.Muon (bit for bit in bfloat16) and against the closed
-form of its Newton-Schulz iteration (float32), and how the trainer picks that dtype."""
+form of its Newton-Schulz iteration (float32), how the trainer picks that dtype, and the
+share-out of the iteration across two gloo ranks (bit for bit the unshared step)."""
 
 from __future__ import annotations
 
+import json
 import math
+import socket
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from conftest import perturb_
 from test_train import one_thread  # noqa: F401  (autouse fixture: one intra-op thread here too)
@@ -16,7 +21,17 @@ from unite.checkpoint import list_checkpoints
 from unite.config import ConfigError, model_config
 from unite.distributed import init_runtime
 from unite.model import UNITE
-from unite.optim import NS_COEFFICIENTS, NS_STEPS, build_optimizers, newton_schulz_dtype, split_parameters
+import unite.optim
+from unite.optim import (
+    NS_COEFFICIENTS,
+    NS_STEPS,
+    assign_owners,
+    build_optimizers,
+    gather_by_all_gather,
+    newton_schulz_cost,
+    newton_schulz_dtype,
+    split_parameters,
+)
 from unite.train import Engine, build_schedule, train
 
 
@@ -138,6 +153,7 @@ def test_trainer_passes_the_dtype_to_muon(tmp_path: Path, cpu_flags, muon_dtype:
     cfg = train_config(tmp_path, muon_dtype=muon_dtype, device="cpu")
     engine = Engine(UNITE(cfg.model), cfg, init_runtime("cpu"), build_schedule(cfg.schedule, 4, 1))
     assert engine.muon.ns_dtype == expected
+    assert engine.muon.share_across_ranks  # the trainer shares the iteration out under DDP
 
 
 def test_unknown_muon_dtype_is_rejected(tmp_path: Path) -> None:
@@ -153,3 +169,95 @@ def test_a_run_resumes_with_another_muon_dtype(tmp_path: Path) -> None:
     assert train(train_config(tmp_path, max_steps=2, muon_dtype="float32")).step == 2
     with pytest.raises(ConfigError, match="base_lr"):
         train(train_config(tmp_path, max_steps=3, base_lr=0.5))
+
+
+def test_owners_are_balanced_and_the_same_for_the_same_shapes() -> None:
+    shapes = [torch.Size(s) for s in [(96, 32), (32, 512), (32, 32), (12, 32), (170, 32), (32, 512), (64, 64)]]
+    costs = [newton_schulz_cost(s) for s in shapes]
+    assert newton_schulz_cost(torch.Size((96, 32))) == newton_schulz_cost(torch.Size((32, 96)))
+    for world_size in (1, 2, 3, 8):
+        owners = assign_owners(shapes, world_size)
+        assert owners == assign_owners(list(shapes), world_size)
+        loads = [sum(c for c, o in zip(costs, owners) if o == rank) for rank in range(world_size)]
+        assert set(owners) <= set(range(world_size))
+        # Greedy, costliest first: no rank exceeds another by more than the largest matrix.
+        assert max(loads) - min(loads) <= max(costs)
+    # By hand, costs 2 m^2 n + m^3: the two 32x512 (1,081,344 each) to ranks 0 and 1, 64x64
+    # (786,432) to rank 0, then rank 1 is the lighter one for the rest (170x32: 380,928, 96x32:
+    # 229,376, 32x32: 98,304, 12x32: 10,944): 1,867,776 against 1,800,896.
+    assert assign_owners(shapes, 2) == [1, 0, 1, 1, 1, 1, 0]
+
+
+def test_share_out_without_a_process_group_is_the_plain_step() -> None:
+    shared_model, plain_model = tiny_model_with_grads(0), tiny_model_with_grads(0)
+    shared = build_optimizers(shared_model, lr=0.02, ns_dtype=torch.float32, share_across_ranks=True)[0]
+    build_optimizers(plain_model, lr=0.02, ns_dtype=torch.float32, share_across_ranks=False)[0].step()
+    shared.step()
+    for (name, p), q in zip(shared_model.named_parameters(), plain_model.parameters()):
+        assert torch.equal(p, q), name
+
+
+def _share_out_rank(rank: int, port: int, folder: str) -> None:
+    """Steps a shared-out Muon and a plain one on the same gradients (the same on both ranks,
+    as DDP leaves them) and records whether the parameters and momenta agree bit for bit."""
+    torch.set_num_threads(1)
+    calls = []
+    plain_orthogonalise = unite.optim.orthogonalise
+
+    def counting_orthogonalise(*args, **kwargs):
+        calls.append(args[0].shape)
+        return plain_orthogonalise(*args, **kwargs)
+
+    unite.optim.orthogonalise = counting_orthogonalise
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    report = {}
+    try:
+        for dtype, exchange in [(torch.float32, None), (torch.bfloat16, None), (torch.float32, gather_by_all_gather)]:
+            shared_model, plain_model = tiny_model_with_grads(0), tiny_model_with_grads(0)
+            shared = build_optimizers(shared_model, lr=0.02, ns_dtype=dtype)[0]  # shares by default
+            if exchange is not None:  # the exchange used on NCCL, run here on gloo
+                shared._gather_results = exchange
+            plain = build_optimizers(plain_model, lr=0.02, ns_dtype=dtype, share_across_ranks=False)[0]
+            generator = torch.Generator().manual_seed(1)
+            differing, shared_calls = [], []
+            for step in range(3):
+                if step:
+                    for p, q in zip(shared_model.parameters(), plain_model.parameters()):
+                        p.grad = torch.randn(p.shape, generator=generator)
+                        q.grad = p.grad.clone()
+                calls.clear()
+                shared.step()
+                shared_calls.append(len(calls))
+                plain.step()
+                differing += [f"step {step}: {name}" for (name, p), q in
+                              zip(shared_model.named_parameters(), plain_model.parameters()) if not torch.equal(p, q)]
+            momenta_equal = all(torch.equal(shared.state[p]["momentum_buffer"], plain.state[q]["momentum_buffer"])
+                                for p, q in zip(shared.param_groups[0]["params"], plain.param_groups[0]["params"]))
+            flat = torch.cat([p.detach().flatten() for p in shared_model.parameters()])
+            gathered = [torch.empty_like(flat) for _ in range(2)]
+            dist.all_gather(gathered, flat)
+            report[f"{dtype} {exchange and exchange.__name__}"] = {"differing": differing, "momenta_equal": momenta_equal,
+                                  "same_on_both_ranks": torch.equal(*gathered), "shared_calls": shared_calls,
+                                  "matrices": len(split_parameters(shared_model)[0])}
+    finally:
+        dist.destroy_process_group()
+    (Path(folder) / f"rank{rank}.json").write_text(json.dumps(report))
+
+
+def test_two_ranks_share_out_the_iteration_and_step_bit_for_bit_as_unshared(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_share_out_rank, args=(port, str(tmp_path)), nprocs=2)
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert reports[0].keys() == {"torch.float32 None", "torch.bfloat16 None", "torch.float32 gather_by_all_gather"}
+    for dtype in reports[0]:
+        for rank, report in enumerate(reports):
+            result = report[dtype]
+            assert result["differing"] == [], f"rank {rank}, {dtype}"
+            assert result["momenta_equal"] and result["same_on_both_ranks"], f"rank {rank}, {dtype}"
+        # Each rank orthogonalised only its share, and together every matrix once per step.
+        counts = [report[dtype]["shared_calls"] for report in reports]
+        matrices = reports[0][dtype]["matrices"]
+        for step_counts in zip(*counts):
+            assert sum(step_counts) == matrices and 0 < min(step_counts)
