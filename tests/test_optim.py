@@ -17,7 +17,9 @@ from unite.config import ConfigError, model_config
 from unite.distributed import init_runtime
 from unite.model import UNITE
 from unite.optim import NS_COEFFICIENTS, NS_STEPS, build_optimizers, newton_schulz_dtype, split_parameters
-from unite.train import Engine, build_schedule, train
+from unite.train import train
+from unite.train_config import build_schedule
+from unite.train_step import Engine
 
 
 def tiny_model_with_grads(seed: int) -> UNITE:

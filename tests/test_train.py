@@ -21,6 +21,7 @@ import yaml
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
+from unite.batches import DataPosition, IterableSource, TensorBatches, micro_batches, synthetic_images
 from unite.checkpoint import list_checkpoints, load_checkpoint
 from unite.config import ConfigError, model_config
 from unite.data.loaders import shard_loader
@@ -28,20 +29,8 @@ from unite.data.manifest import write_manifest
 from unite.data.shards import write_shards
 from unite.model import UNITE
 from unite.optim import EMA, LRSchedule, split_parameters
-from unite.train import (
-    DataPosition,
-    IterableSource,
-    NonFiniteLossError,
-    StopSignal,
-    TensorBatches,
-    TrainConfig,
-    accumulation_steps,
-    load_config,
-    main,
-    micro_batches,
-    synthetic_images,
-    train,
-)
+from unite.train import NonFiniteLossError, StopSignal, main, train
+from unite.train_config import TrainConfig, accumulation_steps, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
