@@ -142,6 +142,7 @@ def test_config_loads_yaml_and_json_alike(tmp_path: Path) -> None:
             "warmup_steps (5) <= hold_until_step (2)",
         ),
         ({"schedule": {"preset": "unite_b"}}, "a preset takes exactly"),
+        ({"initial_cfg_scale": 3.4}, "unknown config keys ['initial_cfg_scale']"),
     ],
 )
 def test_config_errors_name_the_key(tmp_path: Path, change: dict, message: str) -> None:
@@ -322,8 +323,24 @@ def test_checkpoints_keep_last_and_hold_the_recipe_keys(tmp_path: Path) -> None:
     assert names == ["step_00000003.pt", "step_00000004.pt"]
     state = load_checkpoint(result.checkpoint)
     assert {"model", "ema", "optimizer", "scheduler", "optimizer_muon", "scheduler_muon", "step", "epoch",
-            "current_best_cfg_scale", "data_position", "rng", "config"} <= state.keys()
-    assert state["current_best_cfg_scale"] == 3.4 and state["config"]["world_size"] == 1
+            "data_position", "rng", "config"} <= state.keys()
+    assert state["config"]["world_size"] == 1
+
+
+def test_a_checkpoint_whose_config_holds_the_retired_initial_cfg_scale_resumes(tmp_path: Path) -> None:
+    """Checkpoints written before `initial_cfg_scale` left the config hold it in their saved
+    config (and its copy as `current_best_cfg_scale`): they resume and continue as if unchanged."""
+    straight = train(train_config(tmp_path / "straight"))
+    half = train(train_config(tmp_path / "resumed", max_steps=2))
+    old = load_checkpoint(half.checkpoint)
+    old["config"]["initial_cfg_scale"] = 3.4
+    old["current_best_cfg_scale"] = 3.4
+    torch.save(old, half.checkpoint)
+
+    resumed = train(train_config(tmp_path / "resumed"))
+    assert resumed.step == 4
+    assert_same_training_state(straight.checkpoint, resumed.checkpoint)
+    assert "initial_cfg_scale" not in load_checkpoint(resumed.checkpoint)["config"]
 
 
 def test_resume_errors(tmp_path: Path) -> None:

@@ -68,7 +68,7 @@ from unite.distributed import Runtime, close_runtime, init_runtime
 from unite.model import UNITE
 from unite.optim import LRSchedule
 from unite.safe_load import UntrustedPickleError
-from unite.train_config import RESUME_MAY_CHANGE, TrainConfig, build_schedule, load_config
+from unite.train_config import RESUME_MAY_CHANGE, RETIRED_KEYS, TrainConfig, build_schedule, load_config
 from unite.train_log import LogWindow, MetricsLog
 from unite.train_step import Engine
 
@@ -129,14 +129,13 @@ def _train(cfg: TrainConfig, runtime: Runtime, data: BatchSource | Iterable | No
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     engine = Engine(UNITE(cfg.model).to(runtime.device), cfg, runtime, schedule)
-    step, skipped, streak, position, cfg_scale = 0, 0, 0, DataPosition(), cfg.initial_cfg_scale
+    step, skipped, streak, position = 0, 0, 0, DataPosition()
     reread = 0
     if state is None:
         seed_everything(rank_seed(cfg.seed, rank))
     else:
         engine.load_state_dict(state)
         step, skipped, streak = state["step"], state["skipped_steps"], state["nonfinite_streak"]
-        cfg_scale = state["current_best_cfg_scale"]
         if saved_world == world:
             position = DataPosition(**state["data_position"])
             restore_rng_state(state["rng"][rank])
@@ -167,8 +166,7 @@ def _train(cfg: TrainConfig, runtime: Runtime, data: BatchSource | Iterable | No
         if runtime.is_main:
             state = {**engine.state_dict(), "step": step, "epoch": position.epoch,
                      "data_position": dataclasses.asdict(position), "rng": rng,
-                     "current_best_cfg_scale": cfg_scale, "skipped_steps": skipped,
-                     "nonfinite_streak": streak, "config": resolved}
+                     "skipped_steps": skipped, "nonfinite_streak": streak, "config": resolved}
             save_checkpoint(state, checkpoint_dir, step, cfg.keep_last)
         if world > 1:
             dist.barrier()
@@ -251,8 +249,9 @@ def resolve_resume(cfg: TrainConfig, checkpoint_dir: Path) -> tuple[Path, dict[s
 
 
 def check_resume_config(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
-    """A checkpoint resumes only a run with the same settings (apart from RESUME_MAY_CHANGE)."""
-    keys = sorted((saved.keys() | current.keys()) - RESUME_MAY_CHANGE)
+    """A checkpoint resumes only a run with the same settings (apart from RESUME_MAY_CHANGE);
+    keys of earlier versions' configs (RETIRED_KEYS) are not compared."""
+    keys = sorted((saved.keys() | current.keys()) - RESUME_MAY_CHANGE - RETIRED_KEYS)
     diffs = [
         f"{k}: checkpoint {saved.get(k)!r}, config {current.get(k)!r}"
         for k in keys

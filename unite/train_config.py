@@ -24,6 +24,10 @@ RESUME_MAY_CHANGE = frozenset(
      "resume", "progress", "compile_decoder", "live_metrics", "world_size", "lr_schedule_steps",
      "muon_dtype", "tf32"}
 )
+# Keys that configs saved by earlier versions hold and this one no longer has: a checkpoint
+# holding them still resumes.
+RETIRED_KEYS = frozenset({"initial_cfg_scale"})
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -54,7 +58,6 @@ class TrainConfig:
     resume: str = "auto"  # auto: latest checkpoint in out_dir if any; or a checkpoint file or folder
     progress: bool = True
     live_metrics: str = ""  # path stem: also keep <stem>.tsv and <stem>.json current ("": only out_dir's)
-    initial_cfg_scale: float = 3.4  # the adaptive CFG search's starting point, kept in checkpoints
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -80,7 +83,7 @@ class TrainConfig:
                     "keep_last", "max_nonfinite"):
             if getattr(config, key) <= 0:
                 raise ConfigError(f"{key}={getattr(config, key)}: must be a positive integer")
-        for key in ("base_lr", "grad_clip", "initial_cfg_scale"):
+        for key in ("base_lr", "grad_clip"):
             if not getattr(config, key) > 0:
                 raise ConfigError(f"{key}={getattr(config, key)}: must be > 0")
         if not 0.0 <= config.ema_decay < 1.0:
