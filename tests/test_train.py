@@ -143,6 +143,21 @@ def test_config_loads_yaml_and_json_alike(tmp_path: Path) -> None:
         ),
         ({"schedule": {"preset": "unite_b"}}, "a preset takes exactly"),
         ({"initial_cfg_scale": 3.4}, "unknown config keys ['initial_cfg_scale']"),
+        # A bool is no count (unite.options.has_type) in the data and schedule sections too.
+        ({"data": {"kind": "synthetic", "num_images": True}}, "data.num_images=True: must be a positive integer"),
+        ({"data": {"kind": "synthetic", "num_images": 20, "seed": True}}, "data.seed=True: must be of type int"),
+        ({"schedule": {"preset": "unite_b", "images_per_epoch": True}},
+         "schedule.images_per_epoch=True: must be a positive integer"),
+        (
+            {"schedule": {"warmup_steps": True, "hold_until_step": 2, "decay_until_step": 9,
+                          "final_lr_factor": 0.5}},
+            "schedule.warmup_steps=True: must be of type int",
+        ),
+        (
+            {"schedule": {"warmup_steps": 1, "hold_until_step": 2, "decay_until_step": 9,
+                          "final_lr_factor": "0.5"}},
+            "schedule.final_lr_factor='0.5': must be of type float",
+        ),
     ],
 )
 def test_config_errors_name_the_key(tmp_path: Path, change: dict, message: str) -> None:
