@@ -51,7 +51,14 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm import tqdm
 
-from unite.batches import BatchSource, DataPosition, as_batch_source, build_batch_source, carry_position, micro_batches
+from unite.batches import (
+    BatchSource,
+    DataPosition,
+    as_batch_source,
+    build_batch_source,
+    carry_position,
+    micro_batches,
+)
 from unite.checkpoint import (
     CheckpointError,
     capture_rng_state,
@@ -71,6 +78,7 @@ from unite.safe_load import UntrustedPickleError
 from unite.train_config import RESUME_MAY_CHANGE, RETIRED_KEYS, TrainConfig, build_schedule, load_config
 from unite.train_log import LogWindow, MetricsLog
 from unite.train_step import Engine
+
 
 @dataclass(frozen=True)
 class TrainResult:
@@ -222,6 +230,7 @@ def _train(cfg: TrainConfig, runtime: Runtime, data: BatchSource | Iterable | No
     return TrainResult(step, last_checkpoint, skipped)
 
 
+# ------------------------------------------------------------------------------ resume
 def resolve_resume(cfg: TrainConfig, checkpoint_dir: Path) -> tuple[Path, dict[str, Any]] | None:
     """The checkpoint to resume from and its contents: `resume: auto` takes the newest readable
     one in out_dir (None: fresh start); a file or folder given explicitly must exist and hold a
@@ -263,7 +272,7 @@ def check_resume_config(saved: dict[str, Any], current: dict[str, Any], path: Pa
         )
 
 
-
+# ------------------------------------------------------------------------------ processes
 def rank_seed(seed: int, rank: int, resumed_at: int | None = None) -> int:
     """A distinct, reproducible training seed per rank (noise draws differ across ranks). A run
     resumed on another world size at step `resumed_at` cannot reuse the saved per-rank states,
@@ -319,7 +328,7 @@ class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps had a non-finite loss or gradient norm."""
 
 
-
+# ------------------------------------------------------------------------------ command line
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m unite.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
