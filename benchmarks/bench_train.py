@@ -5,7 +5,7 @@
     .venv/bin/python -m benchmarks.bench_train --preset unite-b --compile  # UNITE-B, 64 images/GPU, bf16
     .venv/bin/python -m benchmarks.bench_train --preset reference-cpu --reference ../UNITE-tokenization-generation
 
-It times `unite.train.Engine.step` (forward and backward of every micro-batch, clipping, Muon,
+It times `unite.train_step.Engine.step` (forward and backward of every micro-batch, clipping, Muon,
 AdamW, EMA) on synthetic images, after warm-up steps, and prints one JSON line with the median
 wall time and the median CPU time of this process per step.
 
@@ -35,19 +35,13 @@ from typing import Any
 import torch
 import yaml
 
+from unite.batches import DataPosition, TensorBatches, micro_batches, synthetic_images
 from unite.config import ModelConfig
 from unite.model import UNITE, count_trainable
 from unite.optim import NS_DTYPES
-from unite.train import (
-    DataPosition,
-    Engine,
-    TensorBatches,
-    TrainConfig,
-    build_schedule,
-    init_runtime,
-    micro_batches,
-    synthetic_images,
-)
+from unite.distributed import init_runtime
+from unite.train_config import TrainConfig, build_schedule
+from unite.train_step import Engine
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The configuration the reference implementation was timed on (2.54 s/step on 2 CPU cores).

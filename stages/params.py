@@ -14,11 +14,11 @@ from unite.config import ConfigError
 from unite.options import FEATURE_SPACES, NORM_ORDERS, SHARD_STORES, SOLVERS, has_type
 
 if TYPE_CHECKING:
-    from unite.train import TrainConfig
+    from unite.train_config import TrainConfig
 
 PARAMS_FILE = Path("params.yaml")
 
-# Stage-level train keys; every other train key goes to unite.train.TrainConfig.
+# Stage-level train keys; every other train key goes to unite.train_config.TrainConfig.
 TRAIN_STAGE_KEYS = {"nproc_per_node": int, "hflip": bool, "num_workers": int}
 
 SCHEMA: dict[str, dict[str, Any]] = {
@@ -85,14 +85,14 @@ def _check_wide_point(key: str, point: Any) -> None:
 
 def train_config(section: dict[str, Any], out_dir: str, data: dict[str, Any]) -> "TrainConfig":
     """The trainer's config from the train section (stage-level keys removed)."""
-    from unite.train import TrainConfig  # the trainer's code only where the train section is read
+    from unite.train_config import TrainConfig  # the trainer's code only where the train section is read
 
     values = {k: v for k, v in section.items() if k not in TRAIN_STAGE_KEYS}
     return TrainConfig.from_dict({**values, "out_dir": out_dir, "data": data})
 
 
 def _check_train(train: Any, shard_image_size: int | None) -> None:
-    from unite.train import accumulation_steps
+    from unite.train_config import accumulation_steps
 
     if not isinstance(train, dict):
         raise ConfigError(f"train: expected a mapping, got {train!r}")

@@ -18,7 +18,8 @@ from stages.launch import run_stage
 from stages.params import load_stage_params, train_config
 from stages.paths import CHECKPOINTS, FINAL_CHECKPOINT, SHARDS, TRAIN_METRICS
 from unite.checkpoint import latest_checkpoint
-from unite.train import RESUME_MAY_CHANGE, Preempted, train
+from unite.train import Preempted, train
+from unite.train_config import RESUME_MAY_CHANGE
 
 UNKEYED = RESUME_MAY_CHANGE | {"nproc_per_node", "num_workers"}
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file, save_file
 
 from test_train import one_thread  # noqa: F401  (autouse fixture: one intra-op thread here too)
 from test_train import assert_same_training_state, child_env, train_config, train_values
@@ -219,6 +220,27 @@ def test_ema_export_loads_into_a_model(tmp_path: Path) -> None:
         assert torch.equal(tensor, ema[name]), name
     trained = load_checkpoint(result.checkpoint)["model"]["decoder.head.weight"]
     assert not torch.equal(model.decoder.head.weight, trained)  # averaged, not the raw weights
+
+
+def test_an_export_holding_the_retired_current_best_cfg_scale_loads(tmp_path: Path) -> None:
+    """Exports written before the CFG scale left checkpoints carry `current_best_cfg_scale` in
+    their json and safetensors metadata; they load as before."""
+    result = train(train_config(tmp_path / "run", max_steps=1))
+    weights, config_json = export_ema(result.checkpoint, tmp_path / "new" / "unite-ema.safetensors")
+    info = json.loads(config_json.read_text())
+    assert "current_best_cfg_scale" not in info
+    old_info = {**info, "current_best_cfg_scale": 3.4}
+    old = tmp_path / "old" / "unite-ema.safetensors"
+    old.parent.mkdir()
+    save_file(load_file(str(weights)), str(old), metadata={"unite": json.dumps(old_info)})
+    old.with_suffix(".json").write_text(json.dumps(old_info, indent=2) + "\n")
+
+    state, model_cfg = load_exported(old)
+    model = UNITE(model_cfg)
+    model.load_state_dict(state)  # strict: every key of the model, nothing else
+    ema = load_checkpoint(result.checkpoint)["ema"]
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, ema[name]), name
 
 
 def test_export_command_takes_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -112,5 +112,5 @@ def test_the_import_walk_follows_lazy_imports_and_module_strings() -> None:
     assert Path("unite/data/loaders.py") in modules_run_by("stages.train")
     assert Path("unite/data/__init__.py") in modules_run_by("unite.data.loaders")
     # The trainer is reached through params.py only where the train section is read.
-    assert Path("unite/train.py") not in modules_run_by("stages.shard")
-    assert Path("unite/train.py") in modules_run_by("stages.shard", params_in_functions=True)
+    assert Path("unite/train_config.py") not in modules_run_by("stages.shard")
+    assert Path("unite/train_config.py") in modules_run_by("stages.shard", params_in_functions=True)

@@ -32,7 +32,9 @@ from unite.optim import (
     newton_schulz_dtype,
     split_parameters,
 )
-from unite.train import Engine, build_schedule, train
+from unite.train import train
+from unite.train_config import build_schedule
+from unite.train_step import Engine
 
 
 def tiny_model_with_grads(seed: int) -> UNITE:

@@ -1,4 +1,4 @@
-"""The one type rule for config values that unite/config.py, unite/train.py and params.yaml share."""
+"""The one type rule for config values that unite/config.py, unite/train_config.py and params.yaml share."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import yaml
 from stages.params import load_stage_params
 from unite.config import ConfigError, model_config
 from unite.options import has_type
-from unite.train import TrainConfig
+from unite.train_config import TrainConfig
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,8 @@ from unite.config import ConfigError, model_config
 from unite.model import UNITE
 from unite.optim import scaled_lr
 from unite.sampling import Guidance, sample
-from unite.train import allow_tf32, build_schedule, train
+from unite.train import allow_tf32, train
+from unite.train_config import build_schedule
 
 def test_unite_b_schedule_gives_the_reference_learning_rates() -> None:
     # The reference on ImageNet, 64 per GPU x 8 GPUs x 2 accumulation: its DistributedSampler pads

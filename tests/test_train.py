@@ -21,6 +21,7 @@ import yaml
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
+from unite.batches import DataPosition, IterableSource, TensorBatches, micro_batches, synthetic_images
 from unite.checkpoint import list_checkpoints, load_checkpoint
 from unite.config import ConfigError, model_config
 from unite.data.loaders import shard_loader
@@ -28,20 +29,8 @@ from unite.data.manifest import write_manifest
 from unite.data.shards import write_shards
 from unite.model import UNITE
 from unite.optim import EMA, LRSchedule, split_parameters
-from unite.train import (
-    DataPosition,
-    IterableSource,
-    NonFiniteLossError,
-    StopSignal,
-    TensorBatches,
-    TrainConfig,
-    accumulation_steps,
-    load_config,
-    main,
-    micro_batches,
-    synthetic_images,
-    train,
-)
+from unite.train import NonFiniteLossError, StopSignal, main, train
+from unite.train_config import TrainConfig, accumulation_steps, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -153,6 +142,22 @@ def test_config_loads_yaml_and_json_alike(tmp_path: Path) -> None:
             "warmup_steps (5) <= hold_until_step (2)",
         ),
         ({"schedule": {"preset": "unite_b"}}, "a preset takes exactly"),
+        ({"initial_cfg_scale": 3.4}, "unknown config keys ['initial_cfg_scale']"),
+        # A bool is no count (unite.options.has_type) in the data and schedule sections too.
+        ({"data": {"kind": "synthetic", "num_images": True}}, "data.num_images=True: must be a positive integer"),
+        ({"data": {"kind": "synthetic", "num_images": 20, "seed": True}}, "data.seed=True: must be of type int"),
+        ({"schedule": {"preset": "unite_b", "images_per_epoch": True}},
+         "schedule.images_per_epoch=True: must be a positive integer"),
+        (
+            {"schedule": {"warmup_steps": True, "hold_until_step": 2, "decay_until_step": 9,
+                          "final_lr_factor": 0.5}},
+            "schedule.warmup_steps=True: must be of type int",
+        ),
+        (
+            {"schedule": {"warmup_steps": 1, "hold_until_step": 2, "decay_until_step": 9,
+                          "final_lr_factor": "0.5"}},
+            "schedule.final_lr_factor='0.5': must be of type float",
+        ),
     ],
 )
 def test_config_errors_name_the_key(tmp_path: Path, change: dict, message: str) -> None:
@@ -333,8 +338,24 @@ def test_checkpoints_keep_last_and_hold_the_recipe_keys(tmp_path: Path) -> None:
     assert names == ["step_00000003.pt", "step_00000004.pt"]
     state = load_checkpoint(result.checkpoint)
     assert {"model", "ema", "optimizer", "scheduler", "optimizer_muon", "scheduler_muon", "step", "epoch",
-            "current_best_cfg_scale", "data_position", "rng", "config"} <= state.keys()
-    assert state["current_best_cfg_scale"] == 3.4 and state["config"]["world_size"] == 1
+            "data_position", "rng", "config"} <= state.keys()
+    assert state["config"]["world_size"] == 1
+
+
+def test_a_checkpoint_whose_config_holds_the_retired_initial_cfg_scale_resumes(tmp_path: Path) -> None:
+    """Checkpoints written before `initial_cfg_scale` left the config hold it in their saved
+    config (and its copy as `current_best_cfg_scale`): they resume and continue as if unchanged."""
+    straight = train(train_config(tmp_path / "straight"))
+    half = train(train_config(tmp_path / "resumed", max_steps=2))
+    old = load_checkpoint(half.checkpoint)
+    old["config"]["initial_cfg_scale"] = 3.4
+    old["current_best_cfg_scale"] = 3.4
+    torch.save(old, half.checkpoint)
+
+    resumed = train(train_config(tmp_path / "resumed"))
+    assert resumed.step == 4
+    assert_same_training_state(straight.checkpoint, resumed.checkpoint)
+    assert "initial_cfg_scale" not in load_checkpoint(resumed.checkpoint)["config"]
 
 
 def test_resume_errors(tmp_path: Path) -> None:

@@ -31,16 +31,10 @@ from test_train import (
 from unite.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from unite.distributed import Runtime
 from unite.model import UNITE
-from unite.train import (
-    DataPosition,
-    Engine,
-    TensorBatches,
-    build_schedule,
-    main,
-    micro_batches,
-    synthetic_images,
-    train,
-)
+from unite.batches import DataPosition, TensorBatches, micro_batches, synthetic_images
+from unite.train import main, train
+from unite.train_config import build_schedule
+from unite.train_step import Engine
 
 # 2 processes x 2 images x 2 micro-batches = the global batch of 8 of the single-process tests.
 TWO_RANKS = {"per_device_batch": 2}

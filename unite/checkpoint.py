@@ -238,7 +238,6 @@ def export_ema(checkpoint: str | Path, out_path: str | Path) -> tuple[Path, Path
         "step": state["step"],
         "epoch": state["epoch"],
         "ema_decay": state["config"]["ema_decay"],
-        "current_best_cfg_scale": state["current_best_cfg_scale"],
         "source_checkpoint": str(checkpoint),
     }
     tensors = {name: tensor.contiguous() for name, tensor in state["ema"].items()}

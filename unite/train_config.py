@@ -1,0 +1,191 @@
+"""The training config: TrainConfig with every key's meaning and default, its validation, and
+the learning-rate schedule and accumulation it implies. Every error names the key, the value and
+the rule."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from unite.config import ConfigError, ModelConfig, model_config
+from unite.optim import NS_DTYPES, LRSchedule, unite_b_schedule
+from unite.options import has_type
+
+# Keys that may differ between a checkpoint's config and the config that resumes it. A resume
+# on another world size keeps the checkpoint's schedule in steps (`lr_schedule_steps`).
+RESUME_MAY_CHANGE = frozenset(
+    {"out_dir", "max_steps", "log_every", "checkpoint_every", "keep_last", "max_nonfinite",
+     "resume", "progress", "compile_decoder", "live_metrics", "world_size", "lr_schedule_steps",
+     "muon_dtype", "tf32"}
+)
+# Keys that configs saved by earlier versions hold and this one no longer has: a checkpoint
+# holding them still resumes.
+RETIRED_KEYS = frozenset({"initial_cfg_scale"})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on. Defaults follow the UNITE-B recipe."""
+
+    model: ModelConfig
+    data: dict[str, Any]  # {"kind": "synthetic", ...} or {"kind": "python", "source": "mod:fn", ...}
+    out_dir: str
+    max_steps: int  # optimizer steps
+    global_batch: int = 1024  # images per optimizer step, all ranks and micro-batches together
+    per_device_batch: int = 64  # images per micro-batch on one rank
+    base_lr: float = 1e-4  # at a global batch of 384, scaled linearly
+    schedule: dict[str, Any] = field(
+        default_factory=lambda: {"preset": "unite_b", "images_per_epoch": 1_281_167}
+    )
+    grad_clip: float = 3.0  # total gradient norm
+    ema_decay: float = 0.9978  # per optimizer step
+    seed: int = 0
+    device: str = "auto"  # auto (CUDA when available), cuda or cpu
+    bf16: bool = True  # bf16 autocast on CUDA; CPU always runs float32
+    tf32: bool = True  # TF32 matmuls and cuDNN convolutions on CUDA, as the reference allows
+    muon_dtype: str = "auto"  # Muon's Newton-Schulz: auto (bf16 where native), bfloat16 or float32
+    compile_decoder: bool = False  # torch.compile the pixel decoder
+    log_every: int = 50
+    checkpoint_every: int = 1000
+    keep_last: int = 3
+    max_nonfinite: int = 10  # consecutive skipped steps (non-finite loss or grad norm) before stopping
+    resume: str = "auto"  # auto: latest checkpoint in out_dir if any; or a checkpoint file or folder
+    progress: bool = True
+    live_metrics: str = ""  # path stem: also keep <stem>.tsv and <stem>.json current ("": only out_dir's)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        """Validate a config mapping; every error names the key, the value and the rule."""
+        if not isinstance(values, dict):
+            raise ConfigError(f"config: expected a mapping of keys to values, got {type(values).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
+        for key in ("model", "data", "out_dir", "max_steps"):
+            if key not in values:
+                raise ConfigError(f"{key}: required key is missing")
+        kwargs = dict(values)
+        kwargs["model"] = _model_config(values["model"])
+        kwargs["data"] = _check_data(values["data"])
+        _check_scalar_types(cls, kwargs)
+        config = cls(**kwargs)
+        for key in ("max_steps", "global_batch", "per_device_batch", "log_every", "checkpoint_every",
+                    "keep_last", "max_nonfinite"):
+            if getattr(config, key) <= 0:
+                raise ConfigError(f"{key}={getattr(config, key)}: must be a positive integer")
+        for key in ("base_lr", "grad_clip"):
+            if not getattr(config, key) > 0:
+                raise ConfigError(f"{key}={getattr(config, key)}: must be > 0")
+        if not 0.0 <= config.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay={config.ema_decay}: must lie in [0, 1)")
+        if config.muon_dtype not in ("auto", *NS_DTYPES):
+            raise ConfigError(f"muon_dtype={config.muon_dtype!r}: must be one of auto, {', '.join(NS_DTYPES)}")
+        if config.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device={config.device!r}: must be one of auto, cpu, cuda")
+        if config.global_batch % config.per_device_batch:
+            raise ConfigError(
+                f"global_batch={config.global_batch}: must be a multiple of "
+                f"per_device_batch={config.per_device_batch}"
+            )
+        build_schedule(config.schedule, config.per_device_batch, 1)  # validates the section
+        return config
+
+
+def _check_scalar_types(schema: type, values: dict[str, Any], prefix: str = "") -> None:
+    """The values of `schema`'s int, float, str and bool fields present in `values` have those
+    types by the one rule of unite.options.has_type (a bool is no int)."""
+    for name, expected in typing.get_type_hints(schema).items():
+        if expected in (int, float, str, bool) and name in values and not has_type(values[name], expected):
+            raise ConfigError(f"{prefix}{name}={values[name]!r}: must be of type {expected.__name__}")
+
+
+def _model_config(section: Any) -> ModelConfig:
+    """`model:` holds named sizes (`encoder`, `decoder`, default B) plus any ModelConfig field."""
+    if not isinstance(section, dict):
+        raise ConfigError(f"model={section!r}: must be a mapping (encoder, decoder, field overrides)")
+    fields = dict(section)
+    try:
+        return model_config(fields.pop("encoder", "B"), fields.pop("decoder", "B"), **fields)
+    except ConfigError as error:
+        raise ConfigError(f"model: {error}") from None
+
+
+def _check_data(section: Any) -> dict[str, Any]:
+    allowed = {"synthetic": {"kind", "num_images", "seed"}, "python": {"kind", "source", "options"}}
+    kind = section.get("kind") if isinstance(section, dict) else None
+    if kind not in allowed:
+        raise ConfigError(f"data.kind={kind!r}: must be one of {sorted(allowed)}")
+    unknown = sorted(set(section) - allowed[kind])
+    if unknown:
+        raise ConfigError(f"data: unknown keys {unknown} for kind {kind}; known: {sorted(allowed[kind])}")
+    if kind == "synthetic":
+        if not has_type(section.get("num_images"), int) or section["num_images"] <= 0:
+            raise ConfigError(f"data.num_images={section.get('num_images')!r}: must be a positive integer")
+        seed = section.get("seed", 0)
+        if not has_type(seed, int):
+            raise ConfigError(f"data.seed={seed!r}: must be of type int")
+    else:
+        source = section.get("source")
+        if not isinstance(source, str) or source.count(":") != 1:
+            raise ConfigError(f"data.source={source!r}: must be 'module:function'")
+        if not isinstance(section.get("options", {}), dict):
+            raise ConfigError(f"data.options={section['options']!r}: must be a mapping")
+    return dict(section)
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read a YAML or JSON config file (by its suffix) and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text()
+    values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    return TrainConfig.from_dict(values)
+
+
+def build_schedule(section: dict[str, Any], per_device_batch: int, world_size: int) -> LRSchedule:
+    """`schedule:` is either {preset: unite_b, images_per_epoch: N} or the four LRSchedule
+    fields in optimizer steps (warmup_steps, hold_until_step, decay_until_step, final_lr_factor)."""
+    if not isinstance(section, dict):
+        raise ConfigError(f"schedule={section!r}: must be a mapping")
+    if "preset" in section:
+        if section["preset"] != "unite_b" or set(section) != {"preset", "images_per_epoch"}:
+            raise ConfigError(
+                f"schedule={section}: a preset takes exactly {{preset: unite_b, images_per_epoch: N}}"
+            )
+        images = section["images_per_epoch"]
+        if not has_type(images, int) or images <= 0:
+            raise ConfigError(f"schedule.images_per_epoch={images!r}: must be a positive integer")
+        try:
+            return unite_b_schedule(images, per_device_batch, world_size)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+    names = [f.name for f in dataclasses.fields(LRSchedule)]
+    if set(section) != set(names):
+        raise ConfigError(f"schedule={section}: needs exactly the keys {names} (or a preset)")
+    _check_scalar_types(LRSchedule, section, prefix="schedule.")
+    try:
+        return LRSchedule(**section)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def accumulation_steps(global_batch: int, per_device_batch: int, world_size: int) -> int:
+    """Micro-batches per optimizer step on each rank."""
+    if global_batch % (per_device_batch * world_size):
+        raise ConfigError(
+            f"global_batch={global_batch}: must be a multiple of per_device_batch={per_device_batch} "
+            f"x world_size={world_size} = {per_device_batch * world_size}, so that every rank runs "
+            "a whole number of accumulation micro-batches"
+        )
+    return global_batch // (per_device_batch * world_size)
