@@ -5,6 +5,7 @@ consistency) and a small MLP whose hidden layer is a feature space (Frechet dist
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -14,6 +15,8 @@ from torch import Tensor
 
 from unite.metrics.inputs import MetricsInputError
 
+Model = TypeVar("Model")  # an sklearn classifier
+
 
 def downsample_pixels(images: Tensor, size: int) -> Tensor:
     """uint8 (N, 3, H, W) -> float64 (N, 3 * size * size) in [0, 1], by area averaging."""
@@ -21,7 +24,7 @@ def downsample_pixels(images: Tensor, size: int) -> Tensor:
     return small.flatten(1)
 
 
-def fit_on_pixels(model, images: Tensor, labels: Sequence[int] | Tensor, size: int, what: str):
+def _fit_on_pixels(model: Model, images: Tensor, labels: Sequence[int] | Tensor, size: int, what: str) -> Model:
     """Fit an sklearn classifier on the downsampled pixels of labelled uint8 (N, 3, H, W) images;
     `what` names it in the error for a label count that does not match."""
     labels = np.asarray(labels)
@@ -39,7 +42,7 @@ class PixelClassifier:
         from sklearn.linear_model import LogisticRegression
 
         self.size = size
-        self.model = fit_on_pixels(LogisticRegression(max_iter=2000, random_state=seed), images, labels, size,
+        self.model = _fit_on_pixels(LogisticRegression(max_iter=2000, random_state=seed), images, labels, size,
                                    "class-consistency classifier")
 
     def predict(self, images: Tensor) -> np.ndarray:
@@ -58,7 +61,7 @@ class ClassifierFeatures:
         self.size = size
         self.name = f"classifier-mlp{hidden}-pixel{size}"
         mlp = MLPClassifier(hidden_layer_sizes=(hidden,), max_iter=500, early_stopping=True, random_state=seed)
-        self.model = fit_on_pixels(mlp, images, labels, size, "classifier features")
+        self.model = _fit_on_pixels(mlp, images, labels, size, "classifier features")
 
     def __call__(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
         pixels = downsample_pixels(images, self.size).numpy()
