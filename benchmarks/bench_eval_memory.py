@@ -39,7 +39,8 @@ def worker(args: argparse.Namespace) -> None:
     from unite.config import model_config
     from unite.distributed import close_runtime, init_runtime
     from unite.evaluation import generate_and_score
-    from unite.fid import PixelFeatures, compute_reference_stats
+    from unite.metrics.features import PixelFeatures
+    from unite.metrics.fid import compute_reference_stats
     from unite.generate import GridSamples, NpzImageWriter
     from unite.model import UNITE
     from unite.sampling import Guidance

@@ -19,8 +19,10 @@ import torch
 from stages.params import load_params
 from stages.paths import EXPORT, FID_REFERENCE, SHARDS
 from unite.evaluation import feature_space, generate_and_score, load_exported_model, load_split
-from unite.fid import GaussianStats, distance_key
-from unite.metrics import ClassConsistency, PixelClassifier
+from unite.metrics.class_consistency import ClassConsistency
+from unite.metrics.features import distance_key
+from unite.metrics.fid import GaussianStats
+from unite.metrics.pixel_classifiers import PixelClassifier
 from unite.sampling import Guidance, sample_latents
 
 SOLVERS = [("dopri5", 0), ("heun", 25), ("heun", 50), ("euler", 25), ("euler", 50)]

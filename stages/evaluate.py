@@ -19,9 +19,11 @@ from stages.params import load_stage_params
 from stages.paths import EVAL_METRICS, EXPORT, FID_REFERENCE, SAMPLES, SHARDS, SWEEP_JSON
 from unite.distributed import close_runtime, init_runtime
 from unite.evaluation import feature_space, generate_and_score, load_exported_model, load_split, reconstruct
-from unite.fid import GaussianStats
+from unite.metrics.fid import GaussianStats
 from unite.generate import GridSamples, NpzImageWriter
-from unite.metrics import ClassConsistency, PixelClassifier, reconstruction_metrics
+from unite.metrics.class_consistency import ClassConsistency
+from unite.metrics.pixel_classifiers import PixelClassifier
+from unite.metrics.reconstruction import reconstruction_metrics
 from unite.perceptual import build_lpips
 from unite.sampling import Guidance
 

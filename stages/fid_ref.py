@@ -8,7 +8,8 @@ from stages.paths import FID_REFERENCE, SHARDS
 from unite.config import ConfigError
 from unite.evaluation import feature_space, real_batches
 from unite.data.shards import read_index
-from unite.fid import GaussianStats, compute_reference_stats, feature_space_kind
+from unite.metrics.features import feature_space_kind
+from unite.metrics.fid import GaussianStats, compute_reference_stats
 
 def main() -> None:
     params = load_stage_params("fid_ref")["fid_ref"]

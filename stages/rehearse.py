@@ -35,7 +35,8 @@ import yaml
 from PIL import Image
 
 from unite.data.image import center_crop, to_rgb
-from unite.fid import InceptionFeatures, extract
+from unite.metrics.features import InceptionFeatures
+from unite.metrics.fid import extract
 from unite.perceptual import VGG16_FILE
 from unite.stand_in_weights import write_random_inception_weights, write_random_vgg16_trunk
 

@@ -22,7 +22,8 @@ from stages.paths import EXPORT, FID_REFERENCE, SHARDS, SWEEP_JSON, SWEEP_TSV
 from unite.cfg_search import adaptive_cfg_search, wide_sweep
 from unite.distributed import close_runtime, init_runtime
 from unite.evaluation import feature_space, generate_and_score, load_exported_model
-from unite.fid import GaussianStats, distance_key
+from unite.metrics.features import distance_key
+from unite.metrics.fid import GaussianStats
 from unite.sampling import Guidance
 
 METRIC = "frechet_distance"

@@ -19,9 +19,11 @@ from unite.data.shards import write_shards
 from unite.demo_data import write_demo_folder
 from unite.distributed import Runtime
 from unite.evaluation import generate_and_score, reconstruct
-from unite.fid import GaussianStats, PixelFeatures, compute_reference_stats, evaluate_images
 from unite.generate import GridSamples, NpzImageWriter, generate, sample_grid
-from unite.metrics import ClassConsistency, PixelClassifier, class_consistency
+from unite.metrics.class_consistency import ClassConsistency, class_consistency
+from unite.metrics.features import PixelFeatures
+from unite.metrics.fid import GaussianStats, compute_reference_stats, evaluate_images
+from unite.metrics.pixel_classifiers import PixelClassifier
 from unite.model import UNITE
 from unite.sampling import Guidance
 

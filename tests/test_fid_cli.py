@@ -18,7 +18,8 @@ from unite.cli import main
 from unite.data.image import center_crop
 from unite.data.manifest import write_manifest
 from unite.data.shards import write_shards
-from unite.fid import PixelFeatures, frechet_distance
+from unite.metrics.features import PixelFeatures
+from unite.metrics.fid import frechet_distance
 from unite.stand_in_weights import write_random_inception_weights
 
 

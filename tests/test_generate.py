@@ -14,10 +14,10 @@ from unite.generate import (
     noise_for,
     rank_blocks,
     sample_grid,
-    to_uint8,
     write_npz,
     write_pngs,
 )
+from unite.metrics.fid import to_uint8
 from unite.model import UNITE
 from unite.sampling import Guidance
 
@@ -76,7 +76,7 @@ def test_fixed_step_images_do_not_depend_on_the_block_size(model, solver):
 
 def test_uint8_conversion_truncates():
     images = torch.tensor([0.0, 0.999, 1.0, 1.2, -0.1]).view(1, 1, 1, 5).expand(1, 3, 1, 5)
-    assert to_uint8(images)[0, 0, :, 0].tolist() == [0, 254, 255, 255, 0]
+    assert to_uint8(images, channels_last=True)[0, 0, :, 0].tolist() == [0, 254, 255, 255, 0]
 
 
 def test_grid_puts_each_class_on_its_row():

@@ -13,33 +13,24 @@ from sklearn.datasets import load_digits
 from torch_fidelity.metric_fid import fid_statistics_to_metric
 from torch_fidelity.metric_isc import isc_features_to_metric
 
-from unite.fid import (
-    ClassifierFeatures,
+from unite.data.readers import open_images
+from unite.metrics.class_consistency import class_consistency
+from unite.metrics.features import InceptionFeatures, PixelFeatures, build_feature_space, resolve_inception_weights
+from unite.metrics.fid import (
     GaussianStats,
-    InceptionFeatures,
-    MetricsInputError,
-    PixelFeatures,
     RunningStats,
-    build_feature_space,
     compute_reference_stats,
     evaluate_images,
     frechet_distance,
     inception_score,
     load_reference,
-    open_images,
-    resolve_inception_weights,
     resolve_reference_stats,
     stats_distance,
     to_uint8,
 )
-from unite.metrics import (
-    PixelClassifier,
-    class_consistency,
-    l1_error,
-    lpips_distance,
-    psnr_uint8,
-    reconstruction_metrics,
-)
+from unite.metrics.inputs import MetricsInputError
+from unite.metrics.pixel_classifiers import ClassifierFeatures, PixelClassifier
+from unite.metrics.reconstruction import l1_error, lpips_distance, psnr_uint8, reconstruction_metrics
 
 
 def random_rotation(dim: int, rng: np.random.Generator) -> np.ndarray:

@@ -19,7 +19,9 @@ from stages import sweep as sweep_stage
 from unite.data.manifest import write_manifest
 from unite.data.shards import write_shards
 from unite.demo_data import write_demo_folder
-from unite.fid import PixelFeatures, compute_reference_stats, iter_shard_images
+from unite.data.readers import iter_shard_images
+from unite.metrics.features import PixelFeatures
+from unite.metrics.fid import compute_reference_stats
 from unite.model import UNITE
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,29 +14,62 @@ def _parity(args: argparse.Namespace) -> int:
     return run_parity(args.fixture, trust_pickle=args.trust_pickle)
 
 
-def _fid(args: argparse.Namespace) -> int:
-    from unite.fid import MetricsInputError, run_fid
+def _feature_space(args: argparse.Namespace):
+    """The feature space of `--feature-space`, on `--device` (auto: cuda if available)."""
+    import torch
 
+    from unite.metrics.features import build_feature_space
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return build_feature_space(args.feature_space, inception_weights=args.inception_weights, device=device)
+
+
+def _fid(args: argparse.Namespace) -> int:
+    import json
+
+    from unite.data.errors import DataError
+    from unite.data.readers import open_images
+    from unite.metrics.fid import evaluate_images, load_reference, resolve_reference_stats
+    from unite.metrics.inputs import MetricsInputError
+
+    reading = dict(batch_size=args.batch_size, num_workers=args.num_workers, recursive=args.recursive)
     try:
-        return run_fid(args.gen, args.ref, inception_weights=args.inception_weights,
-                       feature_space=args.feature_space, batch_size=args.batch_size, device=args.device,
-                       num_workers=args.num_workers, recursive=args.recursive, is_splits=args.is_splits,
-                       as_json=args.json)
-    except MetricsInputError as exc:
+        ref = str(args.ref if args.ref is not None else resolve_reference_stats(None))
+        space = _feature_space(args)
+        reference = load_reference(ref, space, **reading)
+        batches, total = open_images(args.gen, **reading)
+        result = evaluate_images(batches, reference, space, total=total, is_splits=args.is_splits)
+    except (MetricsInputError, DataError) as exc:
         print(f"unite fid: error: {exc}", file=sys.stderr)
         return 2
+    result["gen"], result["ref"] = str(args.gen), ref
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key}: {value}")
+    return 0
 
 
 def _fid_stats(args: argparse.Namespace) -> int:
-    from unite.fid import MetricsInputError, run_fid_stats
+    from unite.data.errors import DataError
+    from unite.data.readers import open_images
+    from unite.metrics.fid import compute_reference_stats
+    from unite.metrics.inputs import MetricsInputError
 
     try:
-        return run_fid_stats(args.source, args.out, inception_weights=args.inception_weights,
-                             feature_space=args.feature_space, batch_size=args.batch_size, device=args.device,
-                             num_workers=args.num_workers, recursive=args.recursive)
-    except MetricsInputError as exc:
+        space = _feature_space(args)
+        batches, total = open_images(args.source, batch_size=args.batch_size, num_workers=args.num_workers,
+                                     recursive=args.recursive)
+        stats = compute_reference_stats(batches, space, total=total)
+    except (MetricsInputError, DataError) as exc:
         print(f"unite fid-stats: error: {exc}", file=sys.stderr)
         return 2
+    stats.save(args.out)
+    print(f"wrote {args.out}: {stats.num_images} images, {stats.mu.shape[0]} features ({space.name})", file=sys.stderr)
+    return 0
 
 
 def _add_feature_args(command: argparse.ArgumentParser) -> None:

@@ -12,9 +12,10 @@ from torch import Tensor
 
 from unite.checkpoint import load_exported
 from unite.data.loaders import shard_loader
-from unite.fid import FeatureSpace, GaussianStats, build_feature_space, evaluate_images
 from unite.distributed import Runtime
 from unite.generate import generate_in_order
+from unite.metrics.features import FeatureSpace, build_feature_space
+from unite.metrics.fid import GaussianStats, evaluate_images
 from unite.model import UNITE
 from unite.sampling import Guidance
 

@@ -22,8 +22,8 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
-from unite import fid
 from unite.distributed import Runtime
+from unite.metrics.fid import to_uint8
 from unite.model import UNITE
 from unite.sampling import Guidance, sample
 
@@ -51,11 +51,6 @@ def rank_blocks(num_images: int, block_size: int, rank: int = 0, world_size: int
         raise ValueError(f"rank={rank}: must lie in [0, world_size={world_size})")
     blocks = [range(start, min(start + block_size, num_images)) for start in range(0, num_images, block_size)]
     return blocks[rank::world_size]
-
-
-def to_uint8(images: Tensor) -> Tensor:
-    """[0, 1] float (B, 3, H, W) -> uint8 (B, H, W, 3), quantised as the FID protocol does."""
-    return fid.to_uint8(images).permute(0, 2, 3, 1).cpu()
 
 
 @torch.no_grad()
@@ -87,7 +82,7 @@ def generate(
         block_labels = labels[block.start : block.stop]
         out = sample(model, noise, block_labels.to(device), guidance, solver=solver, steps=steps)
         bar.update(len(block))
-        yield block, block_labels, to_uint8(out.images)
+        yield block, block_labels, to_uint8(out.images, channels_last=True).cpu()
     bar.close()
 
 

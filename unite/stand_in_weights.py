@@ -1,7 +1,7 @@
 """Randomly initialised stand-ins for the weights files that cannot be downloaded here: torch-fidelity's
 Inception (FID/IS) and torchvision's VGG16 trunk (LPIPS). Rehearsals and tests use them to run every code
 path offline; they are never the official files, and the metrics computed with them say so
-(`unite.fid.weights_check`)."""
+(`unite.safe_load.weights_check`)."""
 
 from __future__ import annotations
 

@@ -1,27 +1,19 @@
-"""Reconstruction metrics (PSNR, L1, LPIPS, rFID) and the class-consistency score of conditional samples.
+"""Reconstruction metrics: PSNR, L1, LPIPS and rFID of reconstructions against their originals.
 
-FID, IS and the feature spaces live in `unite.fid`; rFID reuses them on reconstructions vs originals.
+rFID reuses the FID maths (`unite.metrics.fid`) and feature spaces (`unite.metrics.features`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
-import numpy as np
 import torch
-from threadpoolctl import threadpool_limits
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from unite.fid import (
-    FeatureSpace,
-    MetricsInputError,
-    RunningStats,
-    distance_key,
-    downsample_pixels,
-    stats_distance,
-    to_uint8,
-)
+from unite.metrics.features import FeatureSpace, distance_key
+from unite.metrics.fid import RunningStats, stats_distance, to_uint8
+from unite.metrics.inputs import MetricsInputError
 
 
 def _check_pair(originals: Tensor, reconstructions: Tensor) -> None:
@@ -103,55 +95,3 @@ def reconstruction_metrics(
     if lpips is not None and hasattr(lpips, "weights_check"):
         result["lpips_weights"] = lpips.weights_check
     return result
-
-
-class PixelClassifier:
-    """Logistic regression on downsampled pixels, trained on real labelled images: an independent
-    judge of whether class-conditional samples show their class."""
-
-    def __init__(self, images: Tensor, labels: Sequence[int] | Tensor, *, size: int = 8, seed: int = 0):
-        from sklearn.linear_model import LogisticRegression
-
-        labels = np.asarray(labels)
-        if len(labels) != len(images):
-            raise MetricsInputError(
-                f"class-consistency classifier: {len(images)} train images but {len(labels)} labels"
-            )
-        self.size = size
-        self.model = LogisticRegression(max_iter=2000, random_state=seed)
-        with threadpool_limits(1):  # a small fit: threaded BLAS only adds overhead
-            self.model.fit(downsample_pixels(images, size).numpy(), labels)
-
-    def predict(self, images: Tensor) -> np.ndarray:
-        """Predicted class of each uint8 (N, 3, H, W) image."""
-        return self.model.predict(downsample_pixels(images, self.size).numpy())
-
-
-def class_consistency(classifier: PixelClassifier, images: Tensor, labels: Sequence[int] | Tensor) -> float:
-    """Fraction of uint8 images that the classifier assigns to the class they were generated for."""
-    labels = np.asarray(labels)
-    if len(labels) != len(images) or len(labels) == 0:
-        raise MetricsInputError(f"class consistency: {len(images)} images and {len(labels)} labels; need equal, > 0")
-    return float((classifier.predict(images) == labels).mean())
-
-
-class ClassConsistency:
-    """`class_consistency` over a stream of generated blocks (indices, labels, uint8 images
-    (B, H, W, 3)), counting as it goes instead of holding the images."""
-
-    def __init__(self, classifier: PixelClassifier):
-        self.classifier = classifier
-        self.correct = self.total = 0
-
-    def __call__(self, indices: range, labels: Tensor, images: Tensor) -> None:
-        if len(labels) != len(images):
-            raise MetricsInputError(f"class consistency: {len(images)} images and {len(labels)} labels; need equal")
-        self.correct += int((self.classifier.predict(images.permute(0, 3, 1, 2)) == np.asarray(labels)).sum())
-        self.total += len(labels)
-
-    @property
-    def value(self) -> float:
-        """Fraction of the images seen so far that show the class they were generated for."""
-        if self.total == 0:
-            raise MetricsInputError("class consistency: no images were given")
-        return self.correct / self.total

@@ -1,0 +1,139 @@
+"""The feature spaces that Frechet distances and IS are computed in, by name.
+
+"inception" is torch-fidelity's own `inception-v3-compat` extractor loaded from a local weights file,
+so FID/IS follow the protocol of torch-fidelity and JiT: uint8 images, features "2048" for FID,
+"logits_unbiased" for IS. The demo's feature spaces ("pixel", "classifier") need no downloaded
+weights and are reported as Frechet distances ("fd"), never as FID.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from unite.metrics.inputs import MetricsInputError, resolve_input_file
+from unite.metrics.pixel_classifiers import ClassifierFeatures, downsample_pixels
+from unite.options import FEATURE_SPACES
+from unite.safe_load import UntrustedPickleError, load_torch_file, weights_check
+
+INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_FILE}"
+INCEPTION_WEIGHTS_ENV = "INCEPTION_WEIGHTS"
+INCEPTION_NAME = "inception-v3-compat"
+# The first 8 hex digits of the sha256 of the official weights files (torch hub's naming rule).
+INCEPTION_WEIGHTS_SHA256_PREFIX = "6726825d"
+
+
+def resolve_inception_weights(path: str | os.PathLike | None = None) -> Path:
+    """The Inception weights file: `path`, else env INCEPTION_WEIGHTS; nothing is ever downloaded."""
+    return resolve_input_file(
+        path,
+        "inception_weights",
+        "CLI: --inception-weights PATH",
+        INCEPTION_WEIGHTS_ENV,
+        f"the local path of torch-fidelity's {INCEPTION_NAME} weights {INCEPTION_WEIGHTS_FILE} "
+        f"(from {INCEPTION_WEIGHTS_URL})",
+    )
+
+
+class FeatureSpace(Protocol):
+    """Maps a uint8 (N, 3, H, W) batch to (features (N, D), IS logits (N, K) or None)."""
+
+    name: str
+
+    def __call__(self, images: Tensor) -> tuple[Tensor, Tensor | None]: ...
+
+
+class InceptionFeatures:
+    """torch-fidelity's `inception-v3-compat` network: "2048" pool features and the first 1000
+    "logits_unbiased" (the ImageNet classes; the graph's 8 extra outputs are not classes)."""
+
+    name = INCEPTION_NAME
+
+    def __init__(self, weights: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+        self.weights = resolve_inception_weights(weights)
+        self.weights_check = weights_check(self.weights, INCEPTION_WEIGHTS_SHA256_PREFIX)
+        try:
+            # torch-fidelity would torch.load the file with full unpickling; it gets the state dict
+            # rebuilt weights-only instead (tensors only, so its re-serialised copy runs no code).
+            state, buffer = load_torch_file(self.weights, opt_in=None), io.BytesIO()
+            torch.save(state, buffer)
+            buffer.seek(0)
+            network = FeatureExtractorInceptionV3(
+                INCEPTION_NAME, ["2048", "logits_unbiased"], feature_extractor_weights_path=buffer
+            )
+        except UntrustedPickleError as exc:
+            raise MetricsInputError(f"inception_weights: {exc}") from exc
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:  # torch.load or load_state_dict
+            raise MetricsInputError(
+                f"inception_weights={str(self.weights)!r}: could not be loaded as torch-fidelity's {INCEPTION_NAME} "
+                f"state dict ({INCEPTION_WEIGHTS_FILE}): {type(exc).__name__}: {exc}"
+            ) from exc
+        self.device = torch.device(device)
+        self.network = network.to(self.device)
+
+    @torch.inference_mode()
+    def __call__(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        pool, logits = self.network(images.to(self.device))
+        return pool.cpu(), logits[:, :1000].cpu()
+
+
+class PixelFeatures:
+    """Pixels averaged down to size x size (all three channels): a Frechet distance that needs no
+    trained network, coarse but honest for the small demo images."""
+
+    def __init__(self, size: int = 8):
+        if size < 1:
+            raise MetricsInputError(f"pixel size={size}: must be >= 1")
+        self.size = size
+        self.name = f"pixel-{size}x{size}"
+
+    def __call__(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        return downsample_pixels(images, self.size), None
+
+
+def build_feature_space(
+    name: str,
+    *,
+    inception_weights: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    pixel_size: int = 8,
+    train_images: Tensor | None = None,
+    train_labels: Sequence[int] | Tensor | None = None,
+) -> FeatureSpace:
+    """A feature space by name: "inception" (FID/IS), "pixel" or "classifier" (demo, no downloads;
+    `ClassifierFeatures`, fitted on `train_images` and `train_labels`)."""
+    if name == "inception":
+        return InceptionFeatures(inception_weights, device)
+    if name == "pixel":
+        return PixelFeatures(pixel_size)
+    if name == "classifier":
+        if train_images is None or train_labels is None:
+            raise MetricsInputError("feature space 'classifier' needs train_images and train_labels (real, labelled)")
+        return ClassifierFeatures(train_images, train_labels, size=pixel_size)
+    raise MetricsInputError(f"feature space {name!r}: unknown; choose one of {', '.join(FEATURE_SPACES)}")
+
+
+# Feature-space kinds: params name a kind; statistics files and metrics carry the space's full name,
+# "<kind>" or "<kind>-<details>" (e.g. "inception-v3-compat", "pixel-8x8"), which feature_space_kind reads.
+def feature_space_kind(name: str) -> str:
+    """The kind of a feature space ("inception", "pixel" or "classifier") from a kind or a full name."""
+    kind = name.split("-", 1)[0]
+    if kind not in FEATURE_SPACES:
+        raise MetricsInputError(f"feature space {name!r}: unknown; its kind must be one of {', '.join(FEATURE_SPACES)}")
+    return kind
+
+
+def distance_key(feature_space: str) -> str:
+    """The metric name of a Frechet distance in a space (kind or full name): "fid" in Inception
+    space only, "fd" elsewhere."""
+    return "fid" if feature_space_kind(feature_space) == "inception" else "fd"
