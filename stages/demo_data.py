@@ -5,10 +5,15 @@ from stages.params import load_stage_params
 from unite.demo_data import write_demo_folder
 
 
-def main(argv: list[str] | None = None) -> None:
+def arguments() -> StageArguments:
+    """The paths dvc.yaml passes (`--help` lists them)."""
     parser = StageArguments("stages.demo_data", __doc__)
     parser.add_output("--out", "folder", "the image folder to write")
-    out = parser.parse(argv).out
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    out = arguments().parse(argv).out
     params = load_stage_params("demo_data")["demo_data"]
     counts = write_demo_folder(out, image_size=params["image_size"], val_fraction=params["val_fraction"],
                                seed=params["seed"])

@@ -33,7 +33,8 @@ def provenance(device: torch.device) -> dict:
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"}
 
 
-def main(argv: list[str] | None = None) -> None:
+def arguments() -> StageArguments:
+    """The paths dvc.yaml passes (`--help` lists them)."""
     parser = StageArguments("stages.evaluate", __doc__)
     parser.add_input("--model", "file", "the exported EMA model (safetensors, with its .json config beside it)")
     parser.add_input("--sweep", "file", "the sweep stage's json; its chosen setting is evaluated")
@@ -41,7 +42,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_input("--shards", "folder", "the shard stage's output: train for the classifiers, val to reconstruct")
     parser.add_output("--samples", "folder", "images.npz (every generated image), grid.png and provenance.json")
     parser.add_output("--metrics", "file", "the scores (json)")
-    args = parser.parse(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = arguments().parse(argv)
     params = load_stage_params("evaluate")
     evaluate, ref = params["evaluate"], params["fid_ref"]
     runtime = init_runtime()

@@ -5,11 +5,16 @@ from stages.launch import StageArguments, run_stage
 from unite.checkpoint import export_ema
 
 
-def main(argv: list[str] | None = None) -> None:
+def arguments() -> StageArguments:
+    """The paths dvc.yaml passes (`--help` lists them)."""
     parser = StageArguments("stages.export", __doc__)
     parser.add_input("--checkpoint", "file", "the train stage's final checkpoint")
     parser.add_output("--out", "file", "the EMA weights (safetensors); the config goes beside it as .json")
-    args = parser.parse(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = arguments().parse(argv)
     weights, config = export_ema(args.checkpoint, args.out)
     print(f"export: {weights} and {config}")
 

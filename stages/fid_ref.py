@@ -9,11 +9,16 @@ from unite.data.shards import read_index
 from unite.fid import GaussianStats, compute_reference_stats, feature_space_kind
 
 
-def main(argv: list[str] | None = None) -> None:
+def arguments() -> StageArguments:
+    """The paths dvc.yaml passes (`--help` lists them)."""
     parser = StageArguments("stages.fid_ref", __doc__)
     parser.add_input("--shards", "folder", "the shard stage's output; the statistics are of its train split")
     parser.add_output("--out", "file", "the reference statistics (npz)")
-    args = parser.parse(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = arguments().parse(argv)
     train_shards = args.shards / "train"
     params = load_stage_params("fid_ref")["fid_ref"]
     if params["stats"] is not None:

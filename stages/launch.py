@@ -31,6 +31,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 from stages.params import PARAMS_FILE, load_stage_params
 from unite.config import ConfigError
@@ -61,6 +62,12 @@ class UsageError(Exception):
     """A stage's command line does not match its options (a wrong `cmd` in dvc.yaml)."""
 
 
+class PathOption(NamedTuple):
+    option: str  # "--shards"
+    kind: str  # "file" or "folder"
+    is_input: bool  # read by the stage (a dvc.yaml dep), else written (an out)
+
+
 class StageArguments(argparse.ArgumentParser):
     """A stage's options: every path it reads (`add_input`, which must exist) or writes
     (`add_output`), all required. Errors raise `UsageError` (one line under `run_stage`) instead of
@@ -69,13 +76,13 @@ class StageArguments(argparse.ArgumentParser):
     def __init__(self, module: str, doc: str) -> None:
         super().__init__(prog=f"python -m {module}", description=doc,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
-        self._kinds: dict[str, tuple[str, str, bool]] = {}  # dest -> (option, "file" or "folder", input)
+        self.path_options: dict[str, PathOption] = {}  # by the attribute name of its value
 
     def _add_path(self, option: str, kind: str, is_input: bool, help: str) -> None:
         if kind not in ("file", "folder"):
             raise ValueError(f"{option}: kind must be 'file' or 'folder', got {kind!r}")
         action = self.add_argument(option, type=Path, required=True, metavar=kind.upper(), help=help)
-        self._kinds[action.dest] = (option, kind, is_input)
+        self.path_options[action.dest] = PathOption(option, kind, is_input)
 
     def add_input(self, option: str, kind: str, help: str) -> None:
         """A path the stage reads; it must exist and be a `kind` ("file" or "folder")."""
@@ -86,12 +93,12 @@ class StageArguments(argparse.ArgumentParser):
         self._add_path(option, kind, False, help)
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{message}; usage: {self.format_usage().removeprefix('usage: ')}")
+        raise UsageError(f"{message}; usage: {self.format_usage().removeprefix('usage: ').strip()}")
 
     def parse(self, argv: list[str] | None = None) -> argparse.Namespace:
         """The options of `argv` (default: the command line), each path checked."""
         args = self.parse_args(argv)
-        for dest, (option, kind, is_input) in self._kinds.items():
+        for dest, (option, kind, is_input) in self.path_options.items():
             path: Path = getattr(args, dest)
             if is_input and not path.exists():
                 raise FileNotFoundError(f"{option} {path}: no such {kind}")

@@ -10,10 +10,15 @@ from unite.data.manifest import write_manifest
 SPLITS = ("train", "val")
 
 
-def main(argv: list[str] | None = None) -> None:
+def arguments() -> StageArguments:
+    """The paths dvc.yaml passes (`--help` lists them)."""
     parser = StageArguments("stages.manifest", __doc__)
     parser.add_output("--out", "folder", "where the manifests go, one <split>.tsv per split")
-    out = parser.parse(argv).out
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    out = arguments().parse(argv).out
     root = Path(load_stage_params("manifest")["manifest"]["root"])
     for split in SPLITS:
         write_manifest(root / split, out / f"{split}.tsv")

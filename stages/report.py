@@ -3,7 +3,6 @@ metric against the CFG scale, the sample grid, validation originals above their 
 in --figures, and --out, one self-contained HTML page with the params, the metrics, the figures and
 the provenance. `dvc plots show/diff` draw the figures as image plots."""
 
-import argparse
 import json
 import os
 
@@ -28,7 +27,8 @@ FIGURES = {
 PACKAGES = ("unite", "torch", "torchvision", "numpy", "safetensors", "webdataset", "dvc", "prefect", "matplotlib")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def arguments() -> StageArguments:
+    """The paths dvc.yaml passes (`--help` lists them)."""
     parser = StageArguments("stages.report", __doc__)
     parser.add_input("--train-log", "file", "the train stage's logged rows (tsv)")
     parser.add_input("--train-metrics", "file", "the train stage's last logged row (json)")
@@ -40,11 +40,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_input("--shards", "folder", "the shard stage's output; the first val images are reconstructed")
     parser.add_output("--figures", "folder", "where the figures go: " + ", ".join(FIGURES.values()))
     parser.add_output("--out", "file", "the report (html)")
-    return parser.parse(argv)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    args = arguments().parse(argv)
     params = load_stage_params("report")
     figures = {title: args.figures / name for title, name in FIGURES.items()}
     curve_figure(args.train_log, {"loss": "total", "recon": "reconstruction", "flow": "flow"},

@@ -9,12 +9,17 @@ from stages.params import load_stage_params
 from unite.data.shards import write_shards
 
 
-def main(argv: list[str] | None = None) -> None:
+def arguments() -> StageArguments:
+    """The paths dvc.yaml passes (`--help` lists them)."""
     parser = StageArguments("stages.shard", __doc__)
     parser.add_input("--manifests", "folder", "the manifest stage's <split>.tsv files")
     parser.add_output("--out", "folder", "where the shards go, a folder per split")
     parser.add_output("--metrics", "file", "the counts per split (json)")
-    args = parser.parse(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = arguments().parse(argv)
     manifests = sorted(args.manifests.glob("*.tsv"))
     if not manifests:
         raise FileNotFoundError(f"--manifests {args.manifests}: holds no <split>.tsv manifest")

@@ -33,14 +33,19 @@ def search_images(params: dict) -> dict:
     return {key: source[key] for key in GENERATION_KEYS}
 
 
-def main(argv: list[str] | None = None) -> None:
+def arguments() -> StageArguments:
+    """The paths dvc.yaml passes (`--help` lists them)."""
     parser = StageArguments("stages.sweep", __doc__)
     parser.add_input("--model", "file", "the exported EMA model (safetensors, with its .json config beside it)")
     parser.add_input("--reference", "file", "the reference statistics (npz) that the images are scored against")
     parser.add_input("--shards", "folder", "the shard stage's output (the classifier feature space learns from train)")
     parser.add_output("--metrics", "file", "the chosen setting and every point (json)")
     parser.add_output("--table", "file", "one row per point (tsv)")
-    args = parser.parse(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = arguments().parse(argv)
     params = load_stage_params("sweep")
     sweep, ref = params["sweep"], params["fid_ref"]
     images = search_images(params)

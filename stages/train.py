@@ -7,7 +7,6 @@ checkpoint folder when the stage starts (DVC deletes them before running it) and
 the trainer at every log interval.
 """
 
-import argparse
 import hashlib
 import json
 import os
@@ -43,22 +42,23 @@ def restore_metrics(out_dir: Path, log: Path, metrics: Path) -> None:
             os.replace(temporary, target)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def arguments() -> StageArguments:
+    """The paths dvc.yaml passes (`--help` lists them)."""
     parser = StageArguments("stages.train", __doc__)
     parser.add_input("--shards", "folder", "the shard stage's output; training reads its train split")
     parser.add_output("--checkpoints", "folder", "a folder per training recipe, kept across runs to resume")
     parser.add_output("--final", "file", "the final checkpoint")
     parser.add_output("--log", "file", "every logged row: <name>.tsv, beside --metrics")
     parser.add_output("--metrics", "file", "the last logged row: <name>.json")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = arguments()
     args = parser.parse(argv)
     if args.metrics.suffix != ".json" or args.log != args.metrics.with_suffix(".tsv"):
         parser.error(f"--log {args.log} --metrics {args.metrics}: must be <name>.tsv and <name>.json in one "
                      "folder (the trainer writes the two side by side)")
-    return args
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
     section = load_stage_params("train")["train"]
     out_dir = run_directory(args.checkpoints, section, args.shards / "train" / "index.json")
     data = {
