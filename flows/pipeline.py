@@ -53,12 +53,12 @@ Retries
 
 Artifacts
     While the train stage runs, `unite-train-progress` shows step / max steps, loss and images/s
-    from the stage's metrics file in dvc.yaml (the trainer rewrites it at every log interval). After the stages: a
-    markdown summary (`unite-summary`: plan, what each stage did, params, experiment, metrics,
-    sample-grid paths) and a table of `dvc metrics show --json` (`unite-metrics`). Image
-    artifacts only render public URLs, so grids (image files among the planned stages' outputs)
-    are published as paths on the host that ran the flow. The summary also links
-    reports/report.html and shows the report's sample grid small, as a data: URI.
+    from the stage's metrics file in dvc.yaml (the trainer rewrites it at every log interval).
+    After the stages: a markdown summary (`unite-summary`: plan, what each stage did, params,
+    experiment, metrics, sample-grid paths) and a table of `dvc metrics show --json`
+    (`unite-metrics`). Image artifacts only render public URLs, so grids (image files among the
+    planned stages' outputs) are published as paths on the host that ran the flow. The summary
+    also links reports/report.html and shows the report's sample grid small, as a data: URI.
 
 CLI
     python -m flows.pipeline run [--target evaluate] [--set train.lr=0.001 ...] [--exp-name N]

@@ -15,11 +15,10 @@ and a missing input are expected failures that name the option and the path.
 
 validates params.yaml, then runs `torchrun --standalone --nproc-per-node <section.nproc_per_node>
 -m stages.<stage> --shards data/shards ...` in this process (`torch.distributed.run`): every rank
-gets the stage's options. Workers hand their expected failure
-to the launcher instead of printing it, so that N ranks failing alike give one line and torchrun's
-error report is left out; a worker stopped by a signal (a preempted training run) makes the
-launcher exit with that worker's status; anything else is reported by torchrun as usual, with the
-worker's traceback.
+gets the stage's options. Workers hand their expected failure to the launcher instead of printing
+it, so that N ranks failing alike give one line and torchrun's error report is left out; a worker
+stopped by a signal (a preempted training run) makes the launcher exit with that worker's status;
+anything else is reported by torchrun as usual, with the worker's traceback.
 """
 
 from __future__ import annotations
