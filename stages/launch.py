@@ -176,8 +176,8 @@ def launch(stage: str, stage_args: list[str]) -> int:
         os.environ[FAILURE_DIR_ENV] = failure_dir
         try:
             torchrun_args = parse_args(["--standalone", "--nproc-per-node", str(nproc), "-m", f"stages.{stage}"])
-            # Set after parsing: torchrun's parser would take a stage option such as --log for an
-            # abbreviation of one of its own.
+            # Set after parsing: torchrun's parser would take a stage option that abbreviates one
+            # of its own options (as --log would --log-dir) for its own.
             torchrun_args.training_script_args = stage_args
             run(torchrun_args)
         except ChildFailedError as failed:

@@ -30,7 +30,7 @@ PACKAGES = ("unite", "torch", "torchvision", "numpy", "safetensors", "webdataset
 def arguments() -> StageArguments:
     """The paths dvc.yaml passes (`--help` lists them)."""
     parser = StageArguments("stages.report", __doc__)
-    parser.add_input("--train-log", "file", "the train stage's logged rows (tsv)")
+    parser.add_input("--train-table", "file", "the train stage's logged rows (tsv)")
     parser.add_input("--train-metrics", "file", "the train stage's last logged row (json)")
     parser.add_input("--sweep", "file", "the sweep stage's chosen setting and points (json)")
     parser.add_input("--sweep-table", "file", "the sweep stage's points (tsv)")
@@ -47,10 +47,10 @@ def main(argv: list[str] | None = None) -> None:
     args = arguments().parse(argv)
     params = load_stage_params("report")
     figures = {title: args.figures / name for title, name in FIGURES.items()}
-    curve_figure(args.train_log, {"loss": "total", "recon": "reconstruction", "flow": "flow"},
+    curve_figure(args.train_table, {"loss": "total", "recon": "reconstruction", "flow": "flow"},
                  figures["Training losses"], "Training losses", "loss", log=True)
-    curve_figure(args.train_log, {"lr": "learning rate"}, figures["Learning rate"], "Learning rate", "lr")
-    curve_figure(args.train_log, {"grad_norm": "before clipping"}, figures["Gradient norm"], "Gradient norm",
+    curve_figure(args.train_table, {"lr": "learning rate"}, figures["Learning rate"], "Learning rate", "lr")
+    curve_figure(args.train_table, {"grad_norm": "before clipping"}, figures["Gradient norm"], "Gradient norm",
                  "grad norm", log=True)
     sweep = json.loads(args.sweep.read_text())
     cfg_figure(args.sweep_table, sweep["metric"], sweep["chosen"], figures["Metric vs CFG scale"])

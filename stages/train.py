@@ -2,7 +2,7 @@
 
 Checkpoints go to <--checkpoints>/<hash of the training params>, so a changed recipe starts afresh
 while a rerun of the same recipe resumes, also on another number of processes. The final
-checkpoint is linked to --final. The --log table and the --metrics json are put back from the
+checkpoint is linked to --final. The --table tsv and the --metrics json are put back from the
 checkpoint folder when the stage starts (DVC deletes them before running it) and kept current by
 the trainer at every log interval.
 """
@@ -48,7 +48,7 @@ def arguments() -> StageArguments:
     parser.add_input("--shards", "folder", "the shard stage's output; training reads its train split")
     parser.add_output("--checkpoints", "folder", "a folder per training recipe, kept across runs to resume")
     parser.add_output("--final", "file", "the final checkpoint")
-    parser.add_output("--log", "file", "every logged row: <name>.tsv, beside --metrics")
+    parser.add_output("--table", "file", "every logged row: <name>.tsv, beside --metrics")
     parser.add_output("--metrics", "file", "the last logged row: <name>.json")
     return parser
 
@@ -56,9 +56,9 @@ def arguments() -> StageArguments:
 def main(argv: list[str] | None = None) -> None:
     parser = arguments()
     args = parser.parse(argv)
-    if args.metrics.suffix != ".json" or args.log != args.metrics.with_suffix(".tsv"):
-        parser.error(f"--log {args.log} --metrics {args.metrics}: must be <name>.tsv and <name>.json in one "
-                     "folder (the trainer writes the two side by side)")
+    if args.metrics.suffix != ".json" or args.table != args.metrics.with_suffix(".tsv"):
+        parser.error(f"--table {args.table} --metrics {args.metrics}: must be <name>.tsv and <name>.json in "
+                     "one folder (the trainer writes the two side by side)")
     section = load_stage_params("train")["train"]
     out_dir = run_directory(args.checkpoints, section, args.shards / "train" / "index.json")
     data = {
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     is_main = int(os.environ.get("RANK", "0")) == 0
     if is_main:
-        restore_metrics(out_dir, args.log, args.metrics)
+        restore_metrics(out_dir, args.table, args.metrics)
     live_metrics = str(args.metrics.with_suffix(""))
     try:
         result = train(train_config({**section, "live_metrics": live_metrics}, str(out_dir), data))

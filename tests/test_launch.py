@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.launch import run_stage
+from stages.launch import TORCHRUN_STAGES, run_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX_PARAMS = "; fix it in params.yaml and rerun"
@@ -70,7 +70,7 @@ def test_the_same_failure_on_every_rank_is_one_line(tmp_path: Path) -> None:
     ("export", "--checkpoint models/final.pt: no such file"),
     ("sweep", "--model models/unite-ema.safetensors: no such file"),
     ("evaluate", "--model models/unite-ema.safetensors: no such file"),
-    ("report", "--train-log metrics/train.tsv: no such file"),
+    ("report", "--train-table metrics/train.tsv: no such file"),
 ])
 def test_every_stage_reports_a_missing_input_in_one_line(tmp_path: Path, stage: str, missing: str) -> None:
     line = _one_line(_stage(_workspace(tmp_path), stage))
@@ -89,8 +89,8 @@ def test_a_missing_file_below_an_input_folder_is_one_line(tmp_path: Path) -> Non
     ("fid_ref", ["--shards", "params.yaml"], "--shards params.yaml: must be a folder, but it is a file"),
     ("export", ["--out", "."], "--out .: must be a file, but it is a folder"),
     ("fid_ref", ["--stats", "x.npz"], "unrecognized arguments: --stats x.npz; usage: python -m stages.fid_ref"),
-    ("train", ["--log", "metrics/log.tsv"], "--log metrics/log.tsv --metrics metrics/train.json: must be "
-                                            "<name>.tsv and <name>.json in one folder"),
+    ("train", ["--table", "metrics/log.tsv"],
+     "--table metrics/log.tsv --metrics metrics/train.json: must be <name>.tsv and <name>.json in one folder"),
 ])
 def test_a_wrong_option_is_one_line(tmp_path: Path, stage: str, options: list[str], message: str) -> None:
     workspace = _workspace(tmp_path)
@@ -114,6 +114,17 @@ def test_the_launcher_passes_the_options_to_every_rank(tmp_path: Path) -> None:
     workspace = _workspace(tmp_path, evaluate={"nproc_per_node": 2})
     line = _one_line(_stage(workspace, "evaluate", "--unknown"))
     assert line.startswith("error: evaluate: unrecognized arguments: --unknown; usage: python -m stages.evaluate")
+
+
+@pytest.mark.parametrize("stage", TORCHRUN_STAGES)
+def test_torchrun_hands_the_options_of_dvc_yaml_to_the_stage_module(stage: str) -> None:
+    """As README's multi-node command runs it: `torchrun ... -m stages.<stage> <its options>`."""
+    from torch.distributed.run import parse_args
+
+    python, flag, launcher, name, *options = shlex.split(COMMANDS[stage])
+    assert (python, flag, launcher, name) == ("python", "-m", "stages.launch", stage)
+    parsed = parse_args(["--nnodes", "2", "--nproc-per-node", "8", "-m", f"stages.{stage}", *options])
+    assert (parsed.training_script, parsed.training_script_args) == (f"stages.{stage}", options)
 
 
 def test_a_missing_weights_file_is_one_line(tmp_path: Path) -> None:
