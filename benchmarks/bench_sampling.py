@@ -1,6 +1,7 @@
 """Sampler cost and quality side by side: NFE, images/s and Frechet distance of each solver.
 
-Run after the demo pipeline (it reads the EMA export, the shards and the reference statistics):
+Run after the demo pipeline (it reads the EMA export, the shards and the reference statistics,
+by default where dvc.yaml puts them):
 
     .venv/bin/python -m benchmarks.bench_sampling --num-images 200 --cfg-scale 1.25
 
@@ -13,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
 from stages.params import load_params
-from stages.paths import EXPORT, FID_REFERENCE, SHARDS
 from unite.evaluation import feature_space, generate_and_score, load_exported_model, load_split
 from unite.metrics.class_consistency import ClassConsistency
 from unite.metrics.features import distance_key
@@ -33,13 +34,16 @@ def main() -> None:
     parser.add_argument("--num-images", type=int, default=200)
     parser.add_argument("--cfg-scale", type=float, default=1.5)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--model", type=Path, default=Path("models/unite-ema.safetensors"), help="the EMA export")
+    parser.add_argument("--reference", type=Path, default=Path("data/fid_ref.npz"), help="reference statistics")
+    parser.add_argument("--shards", type=Path, default=Path("data/shards"), help="the shards (train is used)")
     args = parser.parse_args()
 
     ref = load_params()["fid_ref"]
-    model = load_exported_model(EXPORT, torch.device("cpu"))
-    space = feature_space(ref["feature_space"], SHARDS / "train", ref["inception_weights"])
-    reference = GaussianStats.load(FID_REFERENCE)
-    judge = PixelClassifier(*load_split(SHARDS / "train"))
+    model = load_exported_model(args.model, torch.device("cpu"))
+    space = feature_space(ref["feature_space"], args.shards / "train", ref["inception_weights"])
+    reference = GaussianStats.load(args.reference)
+    judge = PixelClassifier(*load_split(args.shards / "train"))
     guidance = Guidance(scale=args.cfg_scale)
     cfg = model.cfg
     probe = torch.randn(args.num_images, cfg.num_latent_tokens, cfg.latent_dim)

@@ -53,12 +53,12 @@ Retries
 
 Artifacts
     While the train stage runs, `unite-train-progress` shows step / max steps, loss and images/s
-    from metrics/train.json (the trainer rewrites it at every log interval). After the stages: a
-    markdown summary (`unite-summary`: plan, what each stage did, params, experiment, metrics,
-    sample-grid paths) and a table of `dvc metrics show --json` (`unite-metrics`). Image
-    artifacts only render public URLs, so grids (image files among the planned stages' outputs)
-    are published as paths on the host that ran the flow. The summary also links
-    reports/report.html and shows the report's sample grid small, as a data: URI.
+    from the stage's metrics file in dvc.yaml (the trainer rewrites it at every log interval).
+    After the stages: a markdown summary (`unite-summary`: plan, what each stage did, params,
+    experiment, metrics, sample-grid paths) and a table of `dvc metrics show --json`
+    (`unite-metrics`). Image artifacts only render public URLs, so grids (image files among the
+    planned stages' outputs) are published as paths on the host that ran the flow. The summary
+    also links reports/report.html and shows the report's sample grid small, as a data: URI.
 
 CLI
     python -m flows.pipeline run [--target evaluate] [--set train.lr=0.001 ...] [--exp-name N]
@@ -116,8 +116,7 @@ REPORT = Path("reports/report.html")
 REPORT_GRID = Path("reports/figures/samples.png")
 PREVIEW_SIDE = 480
 POLL_S = 0.2
-TRAIN_STAGE = "train"
-TRAIN_METRICS = Path("metrics/train.json")  # the train stage's latest log row, kept current while it runs
+TRAIN_STAGE = "train"  # its metrics file (dvc.yaml) holds the latest log row, kept current while it runs
 PROGRESS_KEY = "unite-train-progress"
 PROGRESS_EVERY_S = 5.0
 TRAIN_LIMIT = "unite-train-{host}"  # the Prefect concurrency limit that queues training on one node
@@ -144,6 +143,7 @@ with Repo() as repo:
             pass
     print(json.dumps([
         {"stage": s.addressing, "outs": [os.path.relpath(o.fs_path) for o in s.outs],
+         "metrics": [os.path.relpath(o.fs_path) for o in s.outs if o.metric],
          "params": [[os.path.relpath(p.fs_path), key] for p in s.params for key in p.params or [""]],
          "changed": changed.get(s.addressing)}
         for s in plan
@@ -172,6 +172,7 @@ class PlannedStage:
     outs: tuple[str, ...]
     params: tuple[tuple[str, str], ...] = ()  # (params file, key; "" for the whole file)
     changed: bool | None = None  # out of date; None: not checked, or DVC's lock was held
+    metrics: tuple[str, ...] = ()  # the outs that dvc.yaml declares as metrics
 
 
 @dataclass(frozen=True)
@@ -380,7 +381,8 @@ def plan_stages(
                               kill_grace_s=kill_grace_s)
     if returncode != 0:
         raise DvcError(f"{what} failed (exit code {returncode}):\n" + "\n".join(lines[-20:]))
-    plan = [PlannedStage(item["stage"], tuple(item["outs"]), tuple(map(tuple, item["params"])), item["changed"])
+    plan = [PlannedStage(item["stage"], tuple(item["outs"]), tuple(map(tuple, item["params"])), item["changed"],
+                         tuple(item["metrics"]))
             for item in json.loads(lines[-1])]
     if not plan:
         raise DvcError(f"{what}: DVC found no stages to run in {repo_dir}")
@@ -433,8 +435,8 @@ class _TrainProgress:
     """The `unite-train-progress` artifact: step / max steps, loss and images/s of the train stage,
     read from its metrics file whenever that changed, at most every PROGRESS_EVERY_S."""
 
-    def __init__(self, root: Path) -> None:
-        self.metrics, self.params = root / TRAIN_METRICS, root / "params.yaml"
+    def __init__(self, root: Path, metrics: str) -> None:
+        self.metrics, self.params = root / metrics, root / "params.yaml"
         self.seen = self._mtime()
         self.next_s = 0.0
         self.artifact = create_progress_artifact(0.0, key=PROGRESS_KEY, description="training: no step logged yet")
@@ -467,12 +469,19 @@ class _TrainProgress:
         )
 
 
+def _progress_file(stage: PlannedStage) -> str | None:
+    """The train stage's metrics file (its only one in dvc.yaml), which the trainer keeps current."""
+    return stage.metrics[0] if stage.name == TRAIN_STAGE and stage.metrics else None
+
+
 @task(name="stage", task_run_name="{stage}", **_TASK_OPTIONS)
-def run_stage(stage: str, repo_dir: str, env: dict[str, str], kill_grace_s: float = KILL_GRACE_S) -> StageResult:
-    """`dvc repro --single-item <stage>`; DVC skips it when nothing it depends on changed."""
+def run_stage(stage: str, repo_dir: str, env: dict[str, str], kill_grace_s: float = KILL_GRACE_S,
+              progress_file: str | None = None) -> StageResult:
+    """`dvc repro --single-item <stage>`; DVC skips it when nothing it depends on changed. While it
+    runs, the training rows in `progress_file` (if given) feed the progress artifact."""
     logger = get_run_logger()
     start = time.monotonic()
-    progress = _TrainProgress(Path(repo_dir)) if stage == TRAIN_STAGE else None
+    progress = _TrainProgress(Path(repo_dir), progress_file) if progress_file else None
     output = _run_dvc(["repro", "--single-item", stage], f"stage {stage!r}", Path(repo_dir),
                       logger.info, env=env, kill_grace_s=kill_grace_s, tick=progress.update if progress else None)
     if progress is not None:
@@ -683,7 +692,7 @@ def pipeline(
             env["DVC_EXP_NAME"] = name
             plan = plan_stages.with_options(**options)(root, target, kill_grace_s)
         stage_task = run_stage.with_options(**options, timeout_seconds=stage_timeout_s)
-        results = [stage_task(stage.name, root, env, kill_grace_s) for stage in plan]
+        results = [stage_task(stage.name, root, env, kill_grace_s, _progress_file(stage)) for stage in plan]
         if name is not None:
             save_experiment.with_options(**options)(root, name, plan, kill_grace_s)
     return publish.with_options(**options)(root, plan, results, target, overrides, name, kill_grace_s)

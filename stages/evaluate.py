@@ -4,7 +4,7 @@ Frechet distance (FID in Inception space, with IS), class consistency, reconstru
 the validation split, a per-class sample grid, and the provenance of the run.
 
 Runs under torchrun: every rank generates its share of the images and passes each block on to
-rank 0, which scores it, writes it to samples/images.npz and drops it (memory stays flat in the
+rank 0, which scores it, writes it to <samples>/images.npz and drops it (memory stays flat in the
 image count); rank 0 does the rest."""
 
 import json
@@ -14,9 +14,8 @@ from contextlib import ExitStack
 
 import torch
 
-from stages.launch import run_stage
+from stages.launch import StageArguments, run_stage
 from stages.params import load_stage_params
-from stages.paths import EVAL_METRICS, EXPORT, FID_REFERENCE, SAMPLES, SHARDS, SWEEP_JSON
 from unite.distributed import close_runtime, init_runtime
 from unite.evaluation import feature_space, generate_and_score, load_exported_model, load_split, reconstruct
 from unite.metrics.fid import GaussianStats
@@ -36,27 +35,40 @@ def provenance(device: torch.device) -> dict:
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"}
 
 
-def main() -> None:
+def arguments() -> StageArguments:
+    """The paths dvc.yaml passes (`--help` lists them)."""
+    parser = StageArguments("stages.evaluate", __doc__)
+    parser.add_input("--model", "file", "the exported EMA model (safetensors, with its .json config beside it)")
+    parser.add_input("--sweep", "file", "the sweep stage's json; its chosen setting is evaluated")
+    parser.add_input("--reference", "file", "the reference statistics (npz) that the images are scored against")
+    parser.add_input("--shards", "folder", "the shard stage's output: train for the classifiers, val to reconstruct")
+    parser.add_output("--samples", "folder", "images.npz (every generated image), grid.png and provenance.json")
+    parser.add_output("--metrics", "file", "the scores (json)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = arguments().parse(argv)
     params = load_stage_params("evaluate")
     evaluate, ref = params["evaluate"], params["fid_ref"]
     runtime = init_runtime()
     device = runtime.device
-    model = load_exported_model(EXPORT, device)
-    chosen = json.loads(SWEEP_JSON.read_text())["chosen"]
+    model = load_exported_model(args.model, device)
+    chosen = json.loads(args.sweep.read_text())["chosen"]
     guidance = Guidance(scale=chosen["scale"], interval=tuple(chosen["interval"]), norm_order=chosen["norm_order"])
     space = reference = None
     consumers = []
     with ExitStack() as stack:
         if runtime.is_main:
-            space = feature_space(ref["feature_space"], SHARDS / "train", ref["inception_weights"], str(device))
-            reference = GaussianStats.load(FID_REFERENCE)
+            space = feature_space(ref["feature_space"], args.shards / "train", ref["inception_weights"], str(device))
+            reference = GaussianStats.load(args.reference)
             size = model.cfg.image_size
-            SAMPLES.mkdir(exist_ok=True)
+            args.samples.mkdir(parents=True, exist_ok=True)
             grid = GridSamples(model.cfg.num_classes, evaluate["grid_per_class"])
-            npz = NpzImageWriter(SAMPLES / "images.npz", (evaluate["num_images"], size, size, 3))
+            npz = NpzImageWriter(args.samples / "images.npz", (evaluate["num_images"], size, size, 3))
             consumers = [stack.enter_context(npz), grid]
             if evaluate["class_consistency"]:
-                consistency = ClassConsistency(PixelClassifier(*load_split(SHARDS / "train")))
+                consistency = ClassConsistency(PixelClassifier(*load_split(args.shards / "train")))
                 consumers.append(consistency)
         scores = generate_and_score(model, space, reference, evaluate["num_images"], guidance, evaluate["seed"],
                                     evaluate["solver"], evaluate["steps"], evaluate["block_size"], runtime, consumers)
@@ -67,13 +79,14 @@ def main() -> None:
     if evaluate["class_consistency"]:
         metrics["generation"]["class_consistency"] = consistency.value
     lpips = build_lpips().to(device) if evaluate["lpips"] else None
-    pairs = reconstruct(model, SHARDS / "val", evaluate["block_size"], evaluate["recon_images"], evaluate["seed"])
+    pairs = reconstruct(model, args.shards / "val", evaluate["block_size"], evaluate["recon_images"], evaluate["seed"])
     metrics["reconstruction"] = reconstruction_metrics(pairs, feature_space=space, lpips=lpips)
 
     # Small images (the demo's 16-pixel digits) are enlarged so that the grid can be seen.
-    grid.grid(scale=max(1, -(-GRID_MIN_CELL // size))).save(SAMPLES / "grid.png")
-    (SAMPLES / "provenance.json").write_text(json.dumps(provenance(device), indent=2) + "\n")
-    EVAL_METRICS.write_text(json.dumps(metrics, indent=2) + "\n")
+    grid.grid(scale=max(1, -(-GRID_MIN_CELL // size))).save(args.samples / "grid.png")
+    (args.samples / "provenance.json").write_text(json.dumps(provenance(device), indent=2) + "\n")
+    args.metrics.parent.mkdir(parents=True, exist_ok=True)
+    args.metrics.write_text(json.dumps(metrics, indent=2) + "\n")
     print(json.dumps(metrics, indent=2))
 
 

@@ -1,4 +1,5 @@
-"""Expected failures as one line, and the torchrun launcher of the multi-process stages.
+"""Expected failures as one line, the stages' command lines, and the torchrun launcher of the
+multi-process stages.
 
 An expected failure is a bad param, a missing file or an unreadable input: an exception of one of
 the project's own classes (`ConfigError`, `DataError`, ...), or `FileNotFoundError`. Each stage's
@@ -6,24 +7,30 @@ the project's own classes (`ConfigError`, `DataError`, ...), or `FileNotFoundErr
 `error: <stage>: <message>; <what to do>`, and exits 1; any other exception is a bug and keeps its
 traceback.
 
-    python -m stages.launch train      # likewise sweep, evaluate
+Each stage takes every path it reads or writes as a named option from its `cmd` in dvc.yaml
+(`StageArguments`), so dvc.yaml is the one place that says where data lives. A wrong command line
+and a missing input are expected failures that name the option and the path.
+
+    python -m stages.launch train --shards data/shards ...     # likewise sweep, evaluate
 
 validates params.yaml, then runs `torchrun --standalone --nproc-per-node <section.nproc_per_node>
--m stages.<stage>` in this process (`torch.distributed.run`). Workers hand their expected failure
-to the launcher instead of printing it, so that N ranks failing alike give one line and torchrun's
-error report is left out; a worker stopped by a signal (a preempted training run) makes the
-launcher exit with that worker's status; anything else is reported by torchrun as usual, with the
-worker's traceback.
+-m stages.<stage> --shards data/shards ...` in this process (`torch.distributed.run`): every rank
+gets the stage's options. Workers hand their expected failure to the launcher instead of printing
+it, so that N ranks failing alike give one line and torchrun's error report is left out; a worker
+stopped by a signal (a preempted training run) makes the launcher exit with that worker's status;
+anything else is reported by torchrun as usual, with the worker's traceback.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 from stages.params import PARAMS_FILE, load_stage_params
 from unite.config import ConfigError
@@ -48,6 +55,56 @@ def failure_line(stage: str, error: BaseException) -> str:
     elif isinstance(error, FileNotFoundError):
         message += "; check the path, or run the stages that write it first (`dvc repro`)"
     return f"error: {stage}: {message}"
+
+
+class UsageError(Exception):
+    """A stage's command line does not match its options (a wrong `cmd` in dvc.yaml)."""
+
+
+class PathOption(NamedTuple):
+    option: str  # "--shards"
+    kind: str  # "file" or "folder"
+    is_input: bool  # read by the stage (a dvc.yaml dep), else written (an out)
+
+
+class StageArguments(argparse.ArgumentParser):
+    """A stage's options: every path it reads (`add_input`, which must exist) or writes
+    (`add_output`), all required. Errors raise `UsageError` (one line under `run_stage`) instead of
+    printing the usage and exiting, so that torchrun's ranks report them like any expected failure."""
+
+    def __init__(self, module: str, doc: str) -> None:
+        super().__init__(prog=f"python -m {module}", description=doc,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+        self.path_options: dict[str, PathOption] = {}  # by the attribute name of its value
+
+    def _add_path(self, option: str, kind: str, is_input: bool, help: str) -> None:
+        if kind not in ("file", "folder"):
+            raise ValueError(f"{option}: kind must be 'file' or 'folder', got {kind!r}")
+        action = self.add_argument(option, type=Path, required=True, metavar=kind.upper(), help=help)
+        self.path_options[action.dest] = PathOption(option, kind, is_input)
+
+    def add_input(self, option: str, kind: str, help: str) -> None:
+        """A path the stage reads; it must exist and be a `kind` ("file" or "folder")."""
+        self._add_path(option, kind, True, help)
+
+    def add_output(self, option: str, kind: str, help: str) -> None:
+        """A path the stage writes; if it exists, it must be a `kind` ("file" or "folder")."""
+        self._add_path(option, kind, False, help)
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message}; usage: {self.format_usage().removeprefix('usage: ').strip()}")
+
+    def parse(self, argv: list[str] | None = None) -> argparse.Namespace:
+        """The options of `argv` (default: the command line), each path checked."""
+        args = self.parse_args(argv)
+        for dest, (option, kind, is_input) in self.path_options.items():
+            path: Path = getattr(args, dest)
+            if is_input and not path.exists():
+                raise FileNotFoundError(f"{option} {path}: no such {kind}")
+            if path.exists() and path.is_dir() != (kind == "folder"):
+                found = "folder" if path.is_dir() else "file"
+                raise UsageError(f"{option} {path}: must be a {kind}, but it is a {found}")
+        return args
 
 
 def _stage_name() -> str:
@@ -102,8 +159,9 @@ def _signal_status(exitcode: int) -> int | None:
     return exitcode if exitcode > 128 else None
 
 
-def launch(stage: str) -> int:
-    """Validate params, then run the stage's module under torchrun; returns the exit status."""
+def launch(stage: str, stage_args: list[str]) -> int:
+    """Validate params, then run the stage's module with `stage_args` under torchrun; returns the
+    exit status. The ranks check the arguments (a wrong one is one line, as any expected failure)."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
@@ -117,7 +175,11 @@ def launch(stage: str) -> int:
             tempfile.TemporaryDirectory(prefix="unite-failures-") as failure_dir:
         os.environ[FAILURE_DIR_ENV] = failure_dir
         try:
-            run(parse_args(["--standalone", "--nproc-per-node", str(nproc), "-m", f"stages.{stage}"]))
+            torchrun_args = parse_args(["--standalone", "--nproc-per-node", str(nproc), "-m", f"stages.{stage}"])
+            # Set after parsing: torchrun's parser would take a stage option that abbreviates one
+            # of its own options (as --log would --log-dir) for its own.
+            torchrun_args.training_script_args = stage_args
+            run(torchrun_args)
         except ChildFailedError as failed:
             lines = sorted({p.read_text() for p in Path(failure_dir).iterdir()})
             if lines:
@@ -138,9 +200,9 @@ def launch(stage: str) -> int:
 
 
 def main() -> None:
-    if len(sys.argv) != 2 or sys.argv[1] not in TORCHRUN_STAGES:
-        sys.exit(f"usage: python -m stages.launch {{{','.join(TORCHRUN_STAGES)}}}")
-    sys.exit(launch(sys.argv[1]))
+    if len(sys.argv) < 2 or sys.argv[1] not in TORCHRUN_STAGES:
+        sys.exit(f"usage: python -m stages.launch {{{','.join(TORCHRUN_STAGES)}}} [the stage's options]")
+    sys.exit(launch(sys.argv[1], sys.argv[2:]))
 
 
 if __name__ == "__main__":

@@ -1,16 +1,27 @@
-"""Stage manifest: list manifest.root/{train,val} as data/manifest/{train,val}.tsv."""
+"""Stage manifest: list manifest.root/{train,val} (a param: the source folder is not a DVC dep) as
+<out>/{train,val}.tsv."""
 
 from pathlib import Path
 
-from stages.launch import run_stage
+from stages.launch import StageArguments, run_stage
 from stages.params import load_stage_params
-from stages.paths import MANIFESTS, SPLITS
 from unite.data.manifest import write_manifest
 
-def main() -> None:
+SPLITS = ("train", "val")
+
+
+def arguments() -> StageArguments:
+    """The paths dvc.yaml passes (`--help` lists them)."""
+    parser = StageArguments("stages.manifest", __doc__)
+    parser.add_output("--out", "folder", "where the manifests go, one <split>.tsv per split")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    out = arguments().parse(argv).out
     root = Path(load_stage_params("manifest")["manifest"]["root"])
     for split in SPLITS:
-        write_manifest(root / split, MANIFESTS / f"{split}.tsv")
+        write_manifest(root / split, out / f"{split}.tsv")
 
 
 if __name__ == "__main__":

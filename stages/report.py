@@ -1,7 +1,7 @@
 """Stage report: PNG figures of the run (training losses, learning rate, grad norm, the sweep's
 metric against the CFG scale, the sample grid, validation originals above their reconstructions)
-under reports/figures/, and reports/report.html, one self-contained page with the params, the
-metrics, the figures and the provenance. `dvc plots show/diff` draw the figures as image plots."""
+in --figures, and --out, one self-contained HTML page with the params, the metrics, the figures and
+the provenance. `dvc plots show/diff` draw the figures as image plots."""
 
 import json
 import os
@@ -9,67 +9,82 @@ import os
 import torch
 from PIL import Image
 
-from stages.launch import run_stage
+from stages.launch import StageArguments, run_stage
 from stages.params import load_stage_params
-from stages.paths import EVAL_METRICS, EXPORT, FIGURES, REPORT, SAMPLES, SHARDS, SWEEP_JSON, SWEEP_TSV, TRAIN_METRICS
 from unite.evaluation import load_exported_model, reconstruct
 from unite.report import (cfg_figure, curve_figure, device_name, enlarged, git_state, package_versions, params_hash,
                           read_table, reconstruction_grid, render_report)
 
-TRAIN_TSV = TRAIN_METRICS.with_suffix(".tsv")
-TRAIN_JSON = TRAIN_METRICS.with_suffix(".json")
 RECON_IMAGES = 16  # the first validation images, in shard order
+FIGURES = {
+    "Training losses": "loss.png",
+    "Learning rate": "lr.png",
+    "Gradient norm": "grad_norm.png",
+    "Metric vs CFG scale": "cfg.png",
+    "Samples (a row per class)": "samples.png",
+    "Validation originals above their reconstructions": "reconstructions.png",
+}
 PACKAGES = ("unite", "torch", "torchvision", "numpy", "safetensors", "webdataset", "dvc", "prefect", "matplotlib")
 
 
-def main() -> None:
+def arguments() -> StageArguments:
+    """The paths dvc.yaml passes (`--help` lists them)."""
+    parser = StageArguments("stages.report", __doc__)
+    parser.add_input("--train-table", "file", "the train stage's logged rows (tsv)")
+    parser.add_input("--train-metrics", "file", "the train stage's last logged row (json)")
+    parser.add_input("--sweep", "file", "the sweep stage's chosen setting and points (json)")
+    parser.add_input("--sweep-table", "file", "the sweep stage's points (tsv)")
+    parser.add_input("--eval", "file", "the evaluate stage's scores (json)")
+    parser.add_input("--samples", "folder", "the evaluate stage's grid.png and provenance.json")
+    parser.add_input("--model", "file", "the exported EMA model (safetensors, with its .json config beside it)")
+    parser.add_input("--shards", "folder", "the shard stage's output; the first val images are reconstructed")
+    parser.add_output("--figures", "folder", "where the figures go: " + ", ".join(FIGURES.values()))
+    parser.add_output("--out", "file", "the report (html)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = arguments().parse(argv)
     params = load_stage_params("report")
-    figures = {
-        "Training losses": FIGURES / "loss.png",
-        "Learning rate": FIGURES / "lr.png",
-        "Gradient norm": FIGURES / "grad_norm.png",
-        "Metric vs CFG scale": FIGURES / "cfg.png",
-        "Samples (a row per class)": FIGURES / "samples.png",
-        "Validation originals above their reconstructions": FIGURES / "reconstructions.png",
-    }
-    curve_figure(TRAIN_TSV, {"loss": "total", "recon": "reconstruction", "flow": "flow"},
+    figures = {title: args.figures / name for title, name in FIGURES.items()}
+    curve_figure(args.train_table, {"loss": "total", "recon": "reconstruction", "flow": "flow"},
                  figures["Training losses"], "Training losses", "loss", log=True)
-    curve_figure(TRAIN_TSV, {"lr": "learning rate"}, figures["Learning rate"], "Learning rate", "lr")
-    curve_figure(TRAIN_TSV, {"grad_norm": "before clipping"}, figures["Gradient norm"], "Gradient norm",
+    curve_figure(args.train_table, {"lr": "learning rate"}, figures["Learning rate"], "Learning rate", "lr")
+    curve_figure(args.train_table, {"grad_norm": "before clipping"}, figures["Gradient norm"], "Gradient norm",
                  "grad norm", log=True)
-    sweep = json.loads(SWEEP_JSON.read_text())
-    cfg_figure(SWEEP_TSV, sweep["metric"], sweep["chosen"], figures["Metric vs CFG scale"])
-    enlarged(Image.open(SAMPLES / "grid.png").convert("RGB")).save(figures["Samples (a row per class)"])
+    sweep = json.loads(args.sweep.read_text())
+    cfg_figure(args.sweep_table, sweep["metric"], sweep["chosen"], figures["Metric vs CFG scale"])
+    enlarged(Image.open(args.samples / "grid.png").convert("RGB")).save(figures["Samples (a row per class)"])
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_exported_model(EXPORT, device)
+    model = load_exported_model(args.model, device)
     originals, reconstructions = next(
-        reconstruct(model, SHARDS / "val", RECON_IMAGES, limit=RECON_IMAGES, seed=params["evaluate"]["seed"]))
+        reconstruct(model, args.shards / "val", RECON_IMAGES, limit=RECON_IMAGES, seed=params["evaluate"]["seed"]))
     enlarged(reconstruction_grid(originals, reconstructions)).save(
         figures["Validation originals above their reconstructions"])
 
-    sweep_rows = read_table(SWEEP_TSV)
+    sweep_rows = read_table(args.sweep_table)
     provenance = {
         "git commit": git_state(),
         "params sha256": params_hash(params),
         "experiment": os.environ.get("DVC_EXP_NAME", "workspace"),
         "device (reconstructions)": device_name(device),
-        "evaluation": json.loads((SAMPLES / "provenance.json").read_text()),
+        "evaluation": json.loads((args.samples / "provenance.json").read_text()),
         "packages": package_versions(PACKAGES),
     }
     page = render_report(
         "UNITE run report",
         params,
-        {"train (last logged window)": json.loads(TRAIN_JSON.read_text()),
+        {"train (last logged window)": json.loads(args.train_metrics.read_text()),
          f"sweep (chosen by {sweep['metric']})": sweep["chosen"],
-         "evaluate": json.loads(EVAL_METRICS.read_text())},
+         "evaluate": json.loads(args.eval.read_text())},
         figures,
         provenance,
         tables={"CFG sweep points": (list(sweep_rows[0]), [list(row.values()) for row in sweep_rows])},
     )
-    REPORT.parent.mkdir(parents=True, exist_ok=True)
-    REPORT.write_text(page)
-    print(f"report: {REPORT} and {len(figures)} figures in {FIGURES}/")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(page)
+    print(f"report: {args.out} and {len(figures)} figures in {args.figures}/")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Stage sweep: the adaptive CFG search, optionally followed by the reference's wider sweep of
-(normalisation order, CFG interval) points at the scale the search chose. Writes
-metrics/sweep.json (chosen setting, every point) and metrics/sweep.tsv (Frechet distance vs CFG
-scale, one row per point).
+(normalisation order, CFG interval) points at the scale the search chose. Writes --metrics
+(json: chosen setting, every point) and --table (tsv: Frechet distance vs CFG scale, one row per
+point).
 
 sweep.search_set says which images the search scores: "separate" (default) generates the sweep's
 own budget (sweep.num_images, sweep.seed, sweep.solver, sweep.steps, sweep.block_size), so the
@@ -13,12 +13,10 @@ reference, never change the chosen setting unless sweep.wide_changes_choice is t
 Runs under torchrun: every rank generates its share of each point's images, rank 0 scores them
 as they arrive and shares the score, so that all ranks walk the same search."""
 
-
 import torch.distributed as dist
 
-from stages.launch import run_stage
+from stages.launch import StageArguments, run_stage
 from stages.params import load_stage_params
-from stages.paths import EXPORT, FID_REFERENCE, SHARDS, SWEEP_JSON, SWEEP_TSV
 from unite.cfg_search import adaptive_cfg_search, wide_sweep
 from unite.distributed import close_runtime, init_runtime
 from unite.evaluation import feature_space, generate_and_score, load_exported_model
@@ -36,16 +34,29 @@ def search_images(params: dict) -> dict:
     return {key: source[key] for key in GENERATION_KEYS}
 
 
-def main() -> None:
+def arguments() -> StageArguments:
+    """The paths dvc.yaml passes (`--help` lists them)."""
+    parser = StageArguments("stages.sweep", __doc__)
+    parser.add_input("--model", "file", "the exported EMA model (safetensors, with its .json config beside it)")
+    parser.add_input("--reference", "file", "the reference statistics (npz) that the images are scored against")
+    parser.add_input("--shards", "folder", "the shard stage's output (the classifier feature space learns from train)")
+    parser.add_output("--metrics", "file", "the chosen setting and every point (json)")
+    parser.add_output("--table", "file", "one row per point (tsv)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = arguments().parse(argv)
     params = load_stage_params("sweep")
     sweep, ref = params["sweep"], params["fid_ref"]
     images = search_images(params)
     runtime = init_runtime()
-    model = load_exported_model(EXPORT, runtime.device)
+    model = load_exported_model(args.model, runtime.device)
     space = reference = None
     if runtime.is_main:
-        space = feature_space(ref["feature_space"], SHARDS / "train", ref["inception_weights"], str(runtime.device))
-        reference = GaussianStats.load(FID_REFERENCE)
+        space = feature_space(ref["feature_space"], args.shards / "train", ref["inception_weights"],
+                              str(runtime.device))
+        reference = GaussianStats.load(args.reference)
 
     def evaluate(scale: float, interval: tuple[float, float], norm_order: str) -> float:
         guidance = Guidance(scale=scale, interval=interval, norm_order=norm_order)
@@ -67,7 +78,7 @@ def main() -> None:
         result = wide_sweep(evaluate, result, settings, may_change_choice=sweep["wide_changes_choice"])
     close_runtime()
     if runtime.is_main:
-        result.write(SWEEP_JSON, SWEEP_TSV)
+        result.write(args.metrics, args.table)
         chosen = result.chosen
         print(f"sweep: chose cfg {chosen.scale:.2f} ({METRIC} {chosen.value:.4f}) after {len(result.points)} points")
 

@@ -1,12 +1,15 @@
 """dvc.yaml declares, for every stage, each in-repository module its command runs and each params
 section it reads: a change to any of them reruns the stage (editing the LPIPS module reruns training,
 editing evaluation code reruns fid_ref), while code a stage never runs leaves it cached (editing the
-trainer does not reshard ImageNet)."""
+trainer does not reshard ImageNet). Its command gives the stage exactly the data paths declared as
+its deps and outs."""
 
 from __future__ import annotations
 
 import ast
+import importlib
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,8 @@ MODULE_STRING = re.compile(r"^((?:%s)(?:\.\w+)+):\w+$" % "|".join(PACKAGES))
 # stages/params.py imports the trainer only inside the train section's check (see below).
 PARAMS_MODULE = Path("stages/params.py")
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+# Declared but not given: data/raw orders manifest after demo_data (the folder it lists is the param manifest.root).
+NOT_GIVEN = {("manifest", Path("data/raw"))}
 
 
 def module_file(name: str) -> Path | None:
@@ -114,3 +119,43 @@ def test_the_import_walk_follows_lazy_imports_and_module_strings() -> None:
     # The trainer is reached through params.py only where the train section is read.
     assert Path("unite/train_config.py") not in modules_run_by("stages.shard")
     assert Path("unite/train_config.py") in modules_run_by("stages.shard", params_in_functions=True)
+
+
+def declared(spec: dict, *keys: str) -> set[Path]:
+    """The data paths (not code) under the stage's `keys`; an entry is a path or {path: options}."""
+    entries = [entry for key in keys for entry in spec.get(key, [])]
+    paths = {Path(next(iter(entry)) if isinstance(entry, dict) else entry) for entry in entries}
+    return {path for path in paths if path.parts[0] not in PACKAGES}
+
+
+def given_paths(cmd: str) -> tuple[set[Path], set[Path]]:
+    """The paths `cmd` gives its stage module as inputs and as outputs, by the module's own options."""
+    python, flag, module, *options = shlex.split(cmd)
+    assert (python, flag) == ("python", "-m"), cmd
+    if module == "stages.launch":
+        module, options = f"stages.{options[0]}", options[1:]
+    parser = importlib.import_module(module).arguments()
+    args = parser.parse_args(options)
+    inputs = {getattr(args, dest) for dest, option in parser.path_options.items() if option.is_input}
+    outputs = {getattr(args, dest) for dest, option in parser.path_options.items() if not option.is_input}
+    return inputs, outputs
+
+
+def _covered(path: Path, given: set[Path]) -> bool:
+    """`path` is given, lies in a given folder, or is the file of the same name beside a given one
+    (the export's config beside its weights)."""
+    return any(path == g or g in path.parents or (path.parent, path.stem) == (g.parent, g.stem) for g in given)
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_a_stage_is_given_exactly_the_data_paths_it_declares(stage: str) -> None:
+    spec = STAGES[stage]
+    inputs, outputs = given_paths(spec["cmd"])
+    deps, outs = declared(spec, "deps"), declared(spec, "outs", "metrics", "plots")
+    assert inputs <= deps, f"{stage}: given inputs {sorted(map(str, inputs - deps))} are not deps"
+    folders_of_outs = {folder for out in outs for folder in out.parents}
+    assert outputs <= outs | folders_of_outs, f"{stage}: given outputs {sorted(map(str, outputs - outs))} are not outs"
+    not_given = sorted(str(d) for d in deps if not _covered(d, inputs) and (stage, d) not in NOT_GIVEN)
+    assert not not_given, f"{stage}: deps {not_given} are not given to the stage"
+    not_written = sorted(str(out) for out in outs if not _covered(out, outputs))
+    assert not not_written, f"{stage}: outs {not_written} are not given to the stage"

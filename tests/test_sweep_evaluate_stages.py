@@ -4,6 +4,7 @@ statistics, params.yaml): which images the CFG search scores, the wide points, t
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from unite.metrics.fid import compute_reference_stats
 from unite.model import UNITE
 
 ROOT = Path(__file__).resolve().parents[1]
+STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 SMALL = {
     "fid_ref": {"feature_space": "pixel"},
     "sweep": {"num_images": 20, "seed": 1000, "start_scale": 2.0, "step": 0.5, "max_extra_steps": 0,
@@ -68,9 +70,16 @@ def workspace(prepared: Path, tmp_path: Path, monkeypatch, search_set: str) -> P
     return tmp_path
 
 
+def stage_options(stage: str) -> list[str]:
+    """The options dvc.yaml's cmd gives the stage (after `python -m stages.launch <stage>`)."""
+    command = shlex.split(STAGES[stage]["cmd"])
+    assert command[:4] == ["python", "-m", "stages.launch", stage], command
+    return command[4:]
+
+
 def run_stages() -> tuple[dict, dict]:
-    sweep_stage.main()
-    evaluate_stage.main()
+    sweep_stage.main(stage_options("sweep"))
+    evaluate_stage.main(stage_options("evaluate"))
     return json.loads(Path("metrics/sweep.json").read_text()), json.loads(Path("metrics/eval.json").read_text())
 
 
