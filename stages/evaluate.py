@@ -8,11 +8,7 @@ rank 0, which scores it, writes it to <samples>/images.npz and drops it (memory 
 image count); rank 0 does the rest."""
 
 import json
-import platform
-import subprocess
 from contextlib import ExitStack
-
-import torch
 
 from stages.launch import StageArguments, run_stage
 from stages.params import load_stage_params
@@ -24,15 +20,10 @@ from unite.metrics.class_consistency import ClassConsistency
 from unite.metrics.pixel_classifiers import PixelClassifier
 from unite.metrics.reconstruction import reconstruction_metrics
 from unite.perceptual import build_lpips
+from unite.provenance import run_environment
 from unite.sampling import Guidance
 
 GRID_MIN_CELL = 64  # pixels: smaller samples are enlarged (nearest neighbour) in the grid
-
-
-def provenance(device: torch.device) -> dict:
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    return {"git_commit": commit or None, "torch": torch.__version__, "python": platform.python_version(),
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"}
 
 
 def arguments() -> StageArguments:
@@ -84,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # Small images (the demo's 16-pixel digits) are enlarged so that the grid can be seen.
     grid.grid(scale=max(1, -(-GRID_MIN_CELL // size))).save(args.samples / "grid.png")
-    (args.samples / "provenance.json").write_text(json.dumps(provenance(device), indent=2) + "\n")
+    (args.samples / "provenance.json").write_text(json.dumps(run_environment(device), indent=2) + "\n")
     args.metrics.parent.mkdir(parents=True, exist_ok=True)
     args.metrics.write_text(json.dumps(metrics, indent=2) + "\n")
     print(json.dumps(metrics, indent=2))

@@ -12,8 +12,8 @@ from PIL import Image
 from stages.launch import StageArguments, run_stage
 from stages.params import load_stage_params
 from unite.evaluation import load_exported_model, reconstruct
-from unite.report import (cfg_figure, curve_figure, device_name, enlarged, git_state, package_versions, params_hash,
-                          read_table, reconstruction_grid, render_report)
+from unite.provenance import device_name, git_state, package_versions, params_hash
+from unite.report import cfg_figure, curve_figure, enlarged, read_table, reconstruction_grid, render_report
 
 RECON_IMAGES = 16  # the first validation images, in shard order
 FIGURES = {

@@ -19,8 +19,8 @@ from PIL import Image
 
 from stages import plots_page
 from unite.cfg_search import CfgPoint, CfgResult
-from unite.report import (cfg_figure, cfg_series, curve_figure, enlarged, git_state, params_hash, read_table,
-                          reconstruction_grid, render_report)
+from unite.provenance import git_state, params_hash
+from unite.report import cfg_figure, cfg_series, curve_figure, enlarged, read_table, reconstruction_grid, render_report
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

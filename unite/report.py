@@ -10,15 +10,11 @@ from __future__ import annotations
 
 import base64
 import csv
-import hashlib
 import html
 import json
 import math
-import platform
-import subprocess
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -146,40 +142,6 @@ def reconstruction_grid(originals: torch.Tensor, reconstructions: torch.Tensor, 
             canvas[:, top : top + height, left : left + width] = source[index].clamp(0, 1)
     pixels = (canvas * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     return Image.fromarray(np.ascontiguousarray(pixels))
-
-
-def params_hash(params: Mapping[str, Any]) -> str:
-    """sha256 of the params as canonical JSON: equal params give equal hashes, whatever the YAML layout."""
-    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
-
-
-def git_state(cwd: str | Path = ".") -> str:
-    """The checked-out commit, marked when the work tree has uncommitted changes; 'unknown' outside git."""
-    def git(*args: str) -> str:
-        result = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
-        return result.stdout.strip() if result.returncode == 0 else ""
-
-    commit = git("rev-parse", "HEAD")
-    if not commit:
-        return "unknown"
-    return commit + (" (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else "")
-
-
-def package_versions(names: Iterable[str]) -> dict[str, str]:
-    """Installed version of each named distribution ('not installed' when absent)."""
-    versions = {}
-    for name in names:
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine() or "cpu"
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
