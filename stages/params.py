@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from unite.config import ConfigError
-from unite.options import FEATURE_SPACES, NORM_ORDERS, SHARD_STORES, SOLVERS, has_type
+from unite.options import FEATURE_SPACES, NORM_ORDERS, SHARD_STORES, SOLVERS, check_choice, check_interval, has_type
 
 if TYPE_CHECKING:
     from unite.train_config import TrainConfig
@@ -62,25 +62,16 @@ def _check_section(name: str, section: Any, schema: dict[str, Any]) -> None:
         value = section[key]
         if not has_type(value, expected):
             raise ConfigError(f"{name}.{key}={value!r}: must be {_type_name(expected)}")
-        choices = CHOICES.get((name, key))
-        if choices and value not in choices:
-            raise ConfigError(f"{name}.{key}={value!r}: must be one of {list(choices)}")
-
-
-def _check_interval(key: str, interval: Any) -> None:
-    if (not isinstance(interval, list) or len(interval) != 2 or not all(has_type(v, float) for v in interval)
-            or not 0 <= interval[0] < interval[1] <= 1):
-        raise ConfigError(f"{key}={interval!r}: must be [low, high] with 0 <= low < high <= 1")
+        if (name, key) in CHOICES:
+            check_choice(f"{name}.{key}", value, CHOICES[(name, key)], ConfigError)
 
 
 def _check_wide_point(key: str, point: Any) -> None:
     """One point of the wider CFG sweep: {norm_order: ..., interval: [low, high]}."""
     if not isinstance(point, dict) or set(point) != {"norm_order", "interval"}:
         raise ConfigError(f"{key}={point!r}: must be a mapping with exactly the keys norm_order and interval")
-    orders = CHOICES[("sweep", "norm_order")]
-    if point["norm_order"] not in orders:
-        raise ConfigError(f"{key}.norm_order={point['norm_order']!r}: must be one of {list(orders)}")
-    _check_interval(f"{key}.interval", point["interval"])
+    check_choice(f"{key}.norm_order", point["norm_order"], NORM_ORDERS, ConfigError)
+    check_interval(f"{key}.interval", point["interval"], ConfigError)
 
 
 def train_config(section: dict[str, Any], out_dir: str, data: dict[str, Any]) -> "TrainConfig":
@@ -132,7 +123,7 @@ def validate(params: Any, sections: tuple[str, ...] | None = None) -> dict[str, 
         if params[name]["nproc_per_node"] < 1:
             raise ConfigError(f"{name}.nproc_per_node={params[name]['nproc_per_node']}: must be >= 1")
     if "sweep" in sections:
-        _check_interval("sweep.interval", params["sweep"]["interval"])
+        check_interval("sweep.interval", params["sweep"]["interval"], ConfigError)
         for number, point in enumerate(params["sweep"]["wide"]):
             _check_wide_point(f"sweep.wide[{number}]", point)
     if "train" in sections:

@@ -75,7 +75,7 @@ def test_search_passes_its_interval_and_norm_order():
         (dict(start=0.0), r"start=0.0: the CFG scale must lie in \(0, 10.0\]"),
         (dict(start=10.5), r"start=10.5"),
         (dict(interval=(0.5, 0.2)), r"cfg interval=\(0.5, 0.2\): must be"),
-        (dict(norm_order="ln_last"), r"norm_order='ln_last': must be one of norm_first, cfg_first, both"),
+        (dict(norm_order="ln_last"), r"norm_order='ln_last': must be one of \['norm_first', 'cfg_first', 'both'\]"),
     ],
 )
 def test_search_rejects_bad_settings(kwargs, message):

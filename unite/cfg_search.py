@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from unite.options import NORM_ORDERS
+from unite.options import NORM_ORDERS, check_choice, check_interval
 
 Interval = tuple[float, float]
 Evaluate = Callable[[float, Interval, str], float]
@@ -69,11 +69,8 @@ class CfgResult:
 
 
 def _check_setting(interval: Interval, norm_order: str) -> None:
-    low, high = interval
-    if not 0 <= low < high <= 1:
-        raise ValueError(f"cfg interval={interval}: must be (low, high) with 0 <= low < high <= 1")
-    if norm_order not in NORM_ORDERS:
-        raise ValueError(f"norm_order={norm_order!r}: must be one of {', '.join(NORM_ORDERS)}")
+    check_interval("cfg interval", interval)
+    check_choice("norm_order", norm_order, NORM_ORDERS)
 
 
 def _score(evaluate: Evaluate, scale: float, interval: Interval, norm_order: str, stage: str) -> CfgPoint:

@@ -18,3 +18,16 @@ def has_type(value: object, expected: type | None | tuple) -> bool:
     if expected is float:
         return isinstance(value, (int, float))
     return isinstance(value, expected)
+
+
+def check_choice(key: str, value: object, options: tuple, error: type[Exception] = ValueError) -> None:
+    """`value` is one of `options`; otherwise `error` names the key, the value and the options."""
+    if value not in options:
+        raise error(f"{key}={value!r}: must be one of {list(options)}")
+
+
+def check_interval(key: str, interval: object, error: type[Exception] = ValueError) -> None:
+    """A guidance interval: two numbers with 0 <= low < high <= 1."""
+    if (not isinstance(interval, (list, tuple)) or len(interval) != 2 or not all(has_type(v, float) for v in interval)
+            or not 0 <= interval[0] < interval[1] <= 1):
+        raise error(f"{key}={interval!r}: must be [low, high] with 0 <= low < high <= 1")

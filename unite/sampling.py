@@ -15,7 +15,7 @@ from torch import Tensor
 from torchdiffeq import odeint
 
 from unite.model import UNITE, shift_time
-from unite.options import NORM_ORDERS, SOLVERS
+from unite.options import NORM_ORDERS, SOLVERS, check_choice, check_interval
 
 # Our solver name -> torchdiffeq method.
 # torchdiffeq's name of each solver
@@ -34,11 +34,8 @@ class Guidance:
     norm_order: Literal["norm_first", "cfg_first", "both"] = "norm_first"
 
     def __post_init__(self) -> None:
-        if self.norm_order not in NORM_ORDERS:
-            raise ValueError(f"norm_order={self.norm_order!r}: must be one of {NORM_ORDERS}")
-        low, high = self.interval
-        if not 0.0 <= low < high <= 1.0:
-            raise ValueError(f"interval={self.interval}: must satisfy 0 <= low < high <= 1")
+        check_choice("norm_order", self.norm_order, NORM_ORDERS)
+        check_interval("interval", self.interval)
         if self.scale < 0:
             raise ValueError(f"scale={self.scale}: must be >= 0")
 
