@@ -18,9 +18,11 @@ from unite.metrics.class_consistency import class_consistency
 from unite.metrics.features import InceptionFeatures, PixelFeatures, build_feature_space, resolve_inception_weights
 from unite.metrics.fid import (
     GaussianStats,
+    InceptionScore,
     RunningStats,
     compute_reference_stats,
     evaluate_images,
+    extract,
     frechet_distance,
     inception_score,
     load_reference,
@@ -102,6 +104,43 @@ def test_inception_score_matches_torch_fidelity_splits_and_shuffle():
     theirs = isc_features_to_metric(logits, splits=10, shuffle=True, rng_seed=2020)
     assert ours == (pytest.approx(theirs["inception_score_mean"], rel=1e-12),
                     pytest.approx(theirs["inception_score_std"], rel=1e-12))
+
+
+class LogitSpace:
+    """A feature space whose IS logits are the next rows of a fixed table, so that the Inception
+    Score of whatever `extract` streams can be compared with torch-fidelity's on the whole table."""
+
+    name = "logit-table"
+
+    def __init__(self, logits: torch.Tensor):
+        self.logits, self.given = logits, 0
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.logits[self.given : self.given + len(images)]
+        self.given += len(images)
+        return images.flatten(1).float()[:, :4], rows
+
+
+@pytest.mark.parametrize("total_known", [True, False])
+def test_streamed_inception_score_matches_torch_fidelity_in_any_batching(total_known):
+    logits = torch.randn(103, 1000, generator=torch.Generator().manual_seed(1)) * 3
+    theirs = isc_features_to_metric(logits, splits=10, shuffle=True, rng_seed=2020)
+    images = torch.randint(0, 256, (103, 3, 2, 2), dtype=torch.uint8)
+    batches = [images[a:b] for a, b in ((0, 1), (1, 40), (40, 41), (41, 103))]
+    _, (mean, std) = extract(LogitSpace(logits), batches, total=103 if total_known else None, is_splits=10,
+                             progress=False)
+    assert (mean, std) == (pytest.approx(theirs["inception_score_mean"], rel=1e-12),
+                           pytest.approx(theirs["inception_score_std"], rel=1e-12))
+
+
+def test_streamed_inception_score_holds_per_split_sums_only():
+    score = InceptionScore(count=5000, splits=10)
+    score.update(torch.randn(4000, 1000))
+    assert score.prob_sums.shape == (10, 1000) and score.neg_entropy_sums.shape == (10,)
+    with pytest.raises(MetricsInputError, match="4000 of the 5000 images announced were given"):
+        score.result()
+    with pytest.raises(MetricsInputError, match="more than the 5000 images announced"):
+        score.update(torch.randn(1001, 1000))
 
 
 def test_inception_features_keep_pool_features_and_the_first_1000_logits():

@@ -129,13 +129,16 @@ def extract(
     batches: Iterable[Tensor],
     *,
     total: int | None = None,
-    keep_logits: bool = True,
+    is_splits: int = 0,
     progress: bool = True,
     desc: str = "features",
-) -> tuple[GaussianStats, Tensor | None]:
+) -> tuple[GaussianStats, tuple[float, float] | None]:
     """Run uint8 (N, 3, H, W) batches through a feature space: Gaussian statistics of the features,
-    and the concatenated IS logits where the space has them and `keep_logits`."""
-    moments, logits = RunningStats(), []
+    and (IS mean, std) over `is_splits` splits where the space has logits and `is_splits` > 0.
+
+    With the image count `total` known, the IS sums of each split grow as the batches come, so
+    memory stays flat in the count; otherwise the logits are kept until the end."""
+    moments, score, kept = RunningStats(), None, []
     with tqdm(total=total, desc=f"{desc} ({space.name})", unit="img", disable=not progress) as bar:
         for batch in batches:
             if batch.dtype != torch.uint8 or batch.ndim != 4 or batch.shape[1] != 3:
@@ -143,12 +146,19 @@ def extract(
                     f"image batch: dtype {batch.dtype}, shape {tuple(batch.shape)}; it must be uint8 (N, 3, H, W) "
                     f"(use to_uint8 on [0, 1] images)"
                 )
-            features, batch_logits = space(batch)
+            features, logits = space(batch)
             moments.update(features.numpy())
-            if keep_logits and batch_logits is not None:
-                logits.append(batch_logits)
+            if is_splits and logits is not None:
+                if total is None:
+                    kept.append(logits)
+                else:
+                    score = score or InceptionScore(total, is_splits)
+                    score.update(logits)
             bar.update(len(batch))
-    return moments.stats(space.name), (torch.cat(logits) if logits else None)
+    if kept:
+        score = InceptionScore(sum(len(logits) for logits in kept), is_splits)
+        score.update(torch.cat(kept))
+    return moments.stats(space.name), (score.result() if score is not None else None)
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
@@ -188,21 +198,53 @@ def stats_distance(stats: GaussianStats, reference: GaussianStats) -> float:
     return frechet_distance(stats.mu, stats.sigma, reference.mu, reference.sigma)
 
 
+class InceptionScore:
+    """exp E_x KL(p(y|x) || p(y)) per split, as (mean, std) over `splits`, from logits given in
+    image order, in float64. The images are shuffled with torch-fidelity's seed before the splits
+    are cut, as torch-fidelity does; since E_x KL = E_x sum_y p log p - sum_y p(y) log p(y), each
+    split needs only its sum of p(y|x) and of sum_y p log p, whatever the image count."""
+
+    def __init__(self, count: int, splits: int = 10, shuffle_seed: int = IS_SHUFFLE_SEED):
+        if splits < 1 or count < splits:
+            raise MetricsInputError(
+                f"inception score: {count} images for splits={splits}; it needs at least one per split")
+        shuffled_position = np.empty(count, dtype=np.int64)
+        shuffled_position[np.random.RandomState(shuffle_seed).permutation(count)] = np.arange(count)
+        bounds = [split * count // splits for split in range(splits + 1)]
+        self.split_of = torch.from_numpy(np.searchsorted(bounds, shuffled_position, side="right") - 1)
+        self.split_sizes = torch.tensor(np.diff(bounds), dtype=torch.float64)
+        self.count, self.splits, self.seen = count, splits, 0
+        self.prob_sums: Tensor | None = None  # (splits, classes)
+        self.neg_entropy_sums = torch.zeros(splits, dtype=torch.float64)
+
+    def update(self, logits: Tensor) -> None:
+        """Add the (B, classes) logits of the next B images."""
+        if self.seen + len(logits) > self.count:
+            raise MetricsInputError(f"inception score: more than the {self.count} images announced")
+        logits = logits.to(torch.float64)
+        probs, log_probs = logits.softmax(dim=1), logits.log_softmax(dim=1)
+        split = self.split_of[self.seen : self.seen + len(logits)]
+        if self.prob_sums is None:
+            self.prob_sums = torch.zeros(self.splits, logits.shape[1], dtype=torch.float64)
+        self.prob_sums.index_add_(0, split, probs)
+        self.neg_entropy_sums.index_add_(0, split, (probs * log_probs).sum(dim=1))
+        self.seen += len(logits)
+
+    def result(self) -> tuple[float, float]:
+        """(mean, std) of the per-split scores."""
+        if self.seen != self.count or self.prob_sums is None:
+            raise MetricsInputError(f"inception score: {self.seen} of the {self.count} images announced were given")
+        marginal = self.prob_sums / self.split_sizes[:, None]
+        kl = self.neg_entropy_sums / self.split_sizes - torch.xlogy(marginal, marginal).sum(dim=1)
+        scores = kl.exp().numpy()
+        return float(np.mean(scores)), float(np.std(scores))
+
+
 def inception_score(logits: Tensor, splits: int = 10, shuffle_seed: int = IS_SHUFFLE_SEED) -> tuple[float, float]:
-    """exp E_x KL(p(y|x) || p(y)) per split, as (mean, std) over `splits` (softmax over all given
-    logits). Samples are shuffled with torch-fidelity's seed first, so the splits match its own."""
-    count = logits.shape[0]
-    if splits < 1 or count < splits:
-        raise MetricsInputError(f"inception score: {count} images for splits={splits}; it needs at least one per split")
-    logits = logits[np.random.RandomState(shuffle_seed).permutation(count)].to(torch.float64)
-    probs, log_probs = logits.softmax(dim=1), logits.log_softmax(dim=1)
-    scores = []
-    for split in range(splits):
-        part = slice(split * count // splits, (split + 1) * count // splits)
-        marginal = probs[part].mean(dim=0, keepdim=True)
-        kl = (probs[part] * (log_probs[part] - marginal.log())).sum(dim=1).mean()
-        scores.append(kl.exp().item())
-    return float(np.mean(scores)), float(np.std(scores))
+    """The Inception Score (mean, std over `splits`) of all the (N, classes) logits at once."""
+    score = InceptionScore(len(logits), splits, shuffle_seed)
+    score.update(logits)
+    return score.result()
 
 
 def evaluate_images(
@@ -216,15 +258,15 @@ def evaluate_images(
 ) -> dict[str, float | int | str]:
     """FID (or FD) of generated uint8 batches against reference statistics, and IS where the space
     has logits: {feature_space, fid|fd, is_mean, is_std, num_images, num_ref_images}."""
-    stats, logits = extract(space, batches, total=total, progress=progress, desc="generated")
+    stats, inception = extract(space, batches, total=total, is_splits=is_splits, progress=progress, desc="generated")
     result: dict[str, float | int | str] = {
         "feature_space": space.name,
         distance_key(space.name): stats_distance(stats, reference),
     }
     if hasattr(space, "weights_check"):
         result["weights"] = space.weights_check
-    if logits is not None:
-        result["is_mean"], result["is_std"] = inception_score(logits, is_splits)
+    if inception is not None:
+        result["is_mean"], result["is_std"] = inception
     result["num_images"] = stats.num_images
     result["num_ref_images"] = reference.num_images
     return result
@@ -234,7 +276,7 @@ def compute_reference_stats(
     batches: Iterable[Tensor], space: FeatureSpace, *, total: int | None = None, progress: bool = True
 ) -> GaussianStats:
     """Reference statistics of real uint8 image batches (any iterable, e.g. a data loader)."""
-    stats, _ = extract(space, batches, total=total, keep_logits=False, progress=progress, desc="reference")
+    stats, _ = extract(space, batches, total=total, progress=progress, desc="reference")
     return stats
 
 
