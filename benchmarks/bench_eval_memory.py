@@ -3,7 +3,7 @@ image counts, so that the figures show whether memory grows with the number of i
 
 Each run is a fresh `torchrun` launch (peak RSS is per process) of a small random UNITE at
 --image-size pixels that generates class-balanced images with a cheap solver and scores them in
-the pixel feature space, as the stages do:
+the pixel feature space (with 1000 IS logits per image under --is-logits), as the stages do:
 
 - sweep: scores only (`generate_and_score`);
 - evaluate: scores, the images written to an npz block by block, the sample grid;
@@ -34,6 +34,21 @@ import torch
 MODES = ("sweep", "evaluate", "hold")
 
 
+class WithLogits:
+    """A feature space that also gives 1000 IS logits (a fixed projection of its features), so that
+    the Inception Score's streaming is measured without Inception's cost."""
+
+    def __init__(self, space):
+        self.space, self.name, self.projection = space, space.name, None
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features, _ = self.space(images)
+        if self.projection is None:
+            self.projection = torch.randn(features.shape[1], 1000, generator=torch.Generator().manual_seed(0),
+                                          dtype=features.dtype)
+        return features, features @ self.projection
+
+
 def worker(args: argparse.Namespace) -> None:
     """One rank of one run: generate and score, then record this process's peak RSS."""
     from unite.config import model_config
@@ -52,6 +67,8 @@ def worker(args: argparse.Namespace) -> None:
                        num_classes=10, perceptual_weight=0.0)
     model = UNITE(cfg).eval()
     space = PixelFeatures(8)
+    if args.is_logits:
+        space = WithLogits(space)
     reference = None
     if runtime.is_main:
         real = torch.randint(0, 256, (256, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -77,7 +94,7 @@ def run_once(mode: str, count: int, args: argparse.Namespace) -> list[float]:
         command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", str(args.nproc),
                    "-m", "benchmarks.bench_eval_memory", "--worker", "--mode", mode, "--num-images", str(count),
                    "--image-size", str(args.image_size), "--block-size", str(args.block_size), "--steps",
-                   str(args.steps), "--report", report]
+                   str(args.steps), "--report", report, *(["--is-logits"] if args.is_logits else [])]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         done = subprocess.run(command, env=env, capture_output=True, text=True)
         if done.returncode != 0:
@@ -95,6 +112,8 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--block-size", type=int, default=100)
     parser.add_argument("--steps", type=int, default=2, help="euler steps (the cost, not the memory, grows with it)")
+    parser.add_argument("--is-logits", action="store_true",
+                        help="score with 1000 IS logits per image too (the Inception Score path)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--num-images", type=int, help=argparse.SUPPRESS)
