@@ -48,17 +48,10 @@ from prefect.states import Cancelling  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from stages.rehearse import copy_files  # noqa: E402
-from flows.pipeline import (  # noqa: E402
-    LOCK_MESSAGE,
-    METRICS_KEY,
-    PROGRESS_KEY,
-    SUMMARY_KEY,
-    DvcError,
-    PlannedStage,
-    _terminal_line,
-    may_train,
-    pipeline,
-)
+from flows.dvc_commands import LOCK_MESSAGE, DvcError, PlannedStage  # noqa: E402
+from flows.pipeline import may_train, pipeline  # noqa: E402
+from flows.processes import _terminal_line  # noqa: E402
+from flows.summary import METRICS_KEY, PROGRESS_KEY, SUMMARY_KEY  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = shlex.quote(sys.executable)

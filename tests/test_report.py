@@ -192,7 +192,7 @@ def test_dvc_config_points_at_a_committed_offline_template():
 
 
 def test_the_prefect_summary_links_the_report_and_shows_its_grid_small(tmp_path):
-    from flows.pipeline import PREVIEW_SIDE, _report_section
+    from flows.summary import PREVIEW_SIDE, _report_section
 
     assert "not found" in "\n".join(_report_section(tmp_path))
     (tmp_path / "reports" / "figures").mkdir(parents=True)
