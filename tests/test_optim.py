@@ -159,7 +159,7 @@ def test_trainer_passes_the_dtype_to_muon(tmp_path: Path, cpu_flags, muon_dtype:
 
 
 def test_unknown_muon_dtype_is_rejected(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"muon_dtype='float16': must be one of auto, bfloat16, float32"):
+    with pytest.raises(ConfigError, match=r"muon_dtype='float16': must be one of \['auto', 'bfloat16', 'float32'\]"):
         train_config(tmp_path, muon_dtype="float16")
 
 

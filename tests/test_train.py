@@ -132,7 +132,7 @@ def test_config_loads_yaml_and_json_alike(tmp_path: Path) -> None:
         ({"ema_decay": 1.0}, "ema_decay=1.0: must lie in [0, 1)"),
         ({"keep_last": 0}, "keep_last=0: must be a positive integer"),
         ({"global_batch": 10}, "global_batch=10: must be a multiple of per_device_batch=4"),
-        ({"device": "tpu"}, "device='tpu': must be one of auto, cpu, cuda"),
+        ({"device": "tpu"}, "device='tpu': must be one of ['auto', 'cpu', 'cuda']"),
         ({"data": {"kind": "folder"}}, "data.kind='folder'"),
         ({"data": {"kind": "python", "source": "nomodule"}}, "data.source='nomodule'"),
         ({"model": {**TINY_MODEL, "encoder_hidden": 33}}, "model: encoder_hidden=33"),

@@ -11,6 +11,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from unite.options import check_choice
+
 # The learning rate is given for this global batch and scaled linearly with the actual one.
 REFERENCE_BATCH = 384
 
@@ -55,6 +57,7 @@ def split_parameters(
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_STEPS = 5
 NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+MUON_DTYPES = ("auto", *NS_DTYPES)  # the choices of train.muon_dtype
 
 # oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) below which bf16 matrix products are emulated.
 _ONEDNN_ISAS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI"}
@@ -84,8 +87,7 @@ def newton_schulz_dtype(choice: str, device: torch.device) -> torch.dtype:
     if choice == "auto":
         native = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
         return torch.bfloat16 if native else torch.float32
-    if choice not in NS_DTYPES:
-        raise ValueError(f"muon_dtype={choice!r}: must be one of auto, {', '.join(NS_DTYPES)}")
+    check_choice("muon_dtype", choice, MUON_DTYPES)
     return NS_DTYPES[choice]
 
 

@@ -8,7 +8,6 @@ Solvers come from torchdiffeq: `dopri5` (adaptive, the reference's sampler) and 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor
@@ -17,8 +16,7 @@ from torchdiffeq import odeint
 from unite.model import UNITE, shift_time
 from unite.options import NORM_ORDERS, SOLVERS, check_choice, check_interval
 
-# Our solver name -> torchdiffeq method.
-# torchdiffeq's name of each solver
+# torchdiffeq's name of each of our solvers (unite.options.SOLVERS).
 METHODS = {"dopri5": "dopri5", "euler": "euler", "heun": "heun2"}
 
 
@@ -31,7 +29,7 @@ class Guidance:
 
     scale: float = 1.0
     interval: tuple[float, float] = (0.1, 1.0)
-    norm_order: Literal["norm_first", "cfg_first", "both"] = "norm_first"
+    norm_order: str = "norm_first"  # one of unite.options.NORM_ORDERS
 
     def __post_init__(self) -> None:
         check_choice("norm_order", self.norm_order, NORM_ORDERS)
@@ -93,8 +91,7 @@ def sample_latents(
     dopri5 uses 50 shifted output times (the reference's grid) with atol/rtol; euler and heun
     take `steps` steps on a grid of steps + 1 shifted times. `eps` clamps 1 - t in the drift
     (default cfg.velocity_eps)."""
-    if solver not in SOLVERS:
-        raise ValueError(f"solver={solver!r}: must be one of {list(SOLVERS)}")
+    check_choice("solver", solver, SOLVERS)
     if solver != "dopri5" and steps < 1:
         raise ValueError(f"steps={steps}: must be >= 1")
     model.check_labels(labels, allow_null=True)

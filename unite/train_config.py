@@ -14,8 +14,8 @@ from typing import Any
 import yaml
 
 from unite.config import ConfigError, ModelConfig, model_config
-from unite.optim import NS_DTYPES, LRSchedule, unite_b_schedule
-from unite.options import has_type
+from unite.optim import MUON_DTYPES, LRSchedule, unite_b_schedule
+from unite.options import check_choice, has_type
 
 # Keys that may differ between a checkpoint's config and the config that resumes it. A resume
 # on another world size keeps the checkpoint's schedule in steps (`lr_schedule_steps`).
@@ -88,10 +88,8 @@ class TrainConfig:
                 raise ConfigError(f"{key}={getattr(config, key)}: must be > 0")
         if not 0.0 <= config.ema_decay < 1.0:
             raise ConfigError(f"ema_decay={config.ema_decay}: must lie in [0, 1)")
-        if config.muon_dtype not in ("auto", *NS_DTYPES):
-            raise ConfigError(f"muon_dtype={config.muon_dtype!r}: must be one of auto, {', '.join(NS_DTYPES)}")
-        if config.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"device={config.device!r}: must be one of auto, cpu, cuda")
+        check_choice("muon_dtype", config.muon_dtype, MUON_DTYPES, ConfigError)
+        check_choice("device", config.device, ("auto", "cpu", "cuda"), ConfigError)
         if config.global_batch % config.per_device_batch:
             raise ConfigError(
                 f"global_batch={config.global_batch}: must be a multiple of "
@@ -123,8 +121,7 @@ def _model_config(section: Any) -> ModelConfig:
 def _check_data(section: Any) -> dict[str, Any]:
     allowed = {"synthetic": {"kind", "num_images", "seed"}, "python": {"kind", "source", "options"}}
     kind = section.get("kind") if isinstance(section, dict) else None
-    if kind not in allowed:
-        raise ConfigError(f"data.kind={kind!r}: must be one of {sorted(allowed)}")
+    check_choice("data.kind", kind, tuple(sorted(allowed)), ConfigError)
     unknown = sorted(set(section) - allowed[kind])
     if unknown:
         raise ConfigError(f"data: unknown keys {unknown} for kind {kind}; known: {sorted(allowed[kind])}")

@@ -36,7 +36,7 @@ from webdataset import TarWriter
 from unite.data.errors import DataError
 from unite.data.image import center_crop, decode, encode_png, to_rgb
 from unite.data.manifest import read_manifest
-from unite.options import SHARD_STORES, has_type
+from unite.options import SHARD_STORES, check_choice, has_type
 
 SHARD_FORMAT = "unite-shards/2"
 INDEX_NAME = "index.json"
@@ -251,8 +251,7 @@ def write_shards(
             raise DataError(f"{field}={value!r}: must be a positive integer")
     if not has_type(png_level, int) or not 0 <= png_level <= 9:
         raise DataError(f"png_level={png_level!r}: must be an integer from 0 to 9")
-    if store not in SHARD_STORES:
-        raise DataError(f"store={store!r}: must be one of {SHARD_STORES}")
+    check_choice("store", store, SHARD_STORES, DataError)
     if not root.is_dir():
         raise DataError(f"{root}: image-folder root does not exist or is not a directory")
     listing = read_manifest(manifest)
