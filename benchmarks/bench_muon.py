@@ -132,6 +132,17 @@ def muon_weights_with_grads(preset_name: str, device: torch.device) -> list[torc
     return params
 
 
+def timed_step(optimizer: torch.optim.Optimizer, device: torch.device) -> tuple[float, float]:
+    """(wall, CPU) seconds of one optimizer step, the device synchronised on both sides."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    optimizer.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start, time.process_time() - cpu_start
+
+
 def run_rank(rank: int, args: argparse.Namespace, port: int) -> None:
     """One rank of the `--nproc` run: times every shared-out variant; rank 0 prints."""
     torch.set_num_threads(args.threads or 1)
@@ -149,17 +160,11 @@ def run_rank(rank: int, args: argparse.Namespace, port: int) -> None:
         names = list(optimizers)
         for index in range(args.steps + 1):  # the first round warms up
             for name in names[index % len(names):] + names[:index % len(names)]:
-                optimizer = optimizers[name]
                 dist.barrier()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                start, cpu_start = time.perf_counter(), time.process_time()
-                optimizer.step()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
+                wall, cpu = timed_step(optimizers[name], device)
                 if index:
-                    times[name].append(time.perf_counter() - start)
-                    cpu_times[name].append(time.process_time() - cpu_start)
+                    times[name].append(wall)
+                    cpu_times[name].append(cpu)
         slowest = torch.tensor([times[name] for name in names], dtype=torch.float64, device=device)
         cpu_sum = torch.tensor([cpu_times[name] for name in names], dtype=torch.float64, device=device)
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
@@ -203,15 +208,10 @@ def main(argv: list[str] | None = None) -> None:
     cpu_times: dict[str, list[float]] = {name: [] for name in optimizers}
     for index in range(args.steps + 1):  # the first round warms up
         for name, optimizer in optimizers.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start, cpu_start = time.perf_counter(), time.process_time()
-            optimizer.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            wall, cpu = timed_step(optimizer, device)
             if index:
-                times[name].append(time.perf_counter() - start)
-                cpu_times[name].append(time.process_time() - cpu_start)
+                times[name].append(wall)
+                cpu_times[name].append(cpu)
     # On CPU the ratio is of CPU time (this process, all threads), which a shared machine
     # disturbs far less than wall time; on CUDA it is of wall time.
     ratio_of = cpu_times if device.type == "cpu" else times
