@@ -48,12 +48,13 @@ def load_preset(preset_file: Path) -> dict:
     base_file = preset_file.parent / f"{base}.yaml"
     if not base_file.is_file():
         raise SystemExit(f"{preset_file}: extends {base!r}, but there is no {base_file}")
-    return _merge(load_preset(base_file), preset)
+    return merge_params(load_preset(base_file), preset)
 
 
-def _merge(base: dict, changes: dict) -> dict:
+def merge_params(base: dict, changes: dict) -> dict:
+    """`changes` written into `base` key by key, nested mappings merged rather than replaced."""
     for key, value in changes.items():
-        base[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+        base[key] = merge_params(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
     return base
 
 

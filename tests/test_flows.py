@@ -47,6 +47,7 @@ from prefect.settings import PREFECT_API_URL  # noqa: E402
 from prefect.states import Cancelling  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
+from stages.preset import merge_params  # noqa: E402
 from stages.rehearse import copy_files  # noqa: E402
 from flows.dvc_commands import LOCK_MESSAGE, DvcError, PlannedStage  # noqa: E402
 from flows.pipeline import may_train, pipeline  # noqa: E402
@@ -143,15 +144,6 @@ TINY_PARAMS: dict[str, Any] = {
 }
 
 
-def _merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
-    for key, value in changes.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
-        else:
-            base[key] = value
-    return base
-
-
 def _tool_env() -> dict[str, str]:
     """The environment of a user's shell: the project's tools on PATH, this test's Prefect server."""
     return {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
@@ -169,7 +161,7 @@ def _fresh_clone_after_demo(path: Path) -> Path:
     runs), nothing committed since, so dvc.lock and the uncached metrics are untracked files."""
     copy_files(path)
     params_file = path / "params.yaml"
-    params_file.write_text(yaml.safe_dump(_merge(yaml.safe_load(params_file.read_text()), TINY_PARAMS)))
+    params_file.write_text(yaml.safe_dump(merge_params(yaml.safe_load(params_file.read_text()), TINY_PARAMS)))
     _git(path, "init", "-q")
     _git(path, "add", "-A")
     _git(path, "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "clone")

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import yaml
 
+from stages.preset import merge_params
 from stages.rehearse import copy_files
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,15 +39,6 @@ TINY = {
 }
 
 
-def merge(base: dict, changes: dict) -> dict:
-    for key, value in changes.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            merge(base[key], value)
-        else:
-            base[key] = value
-    return base
-
-
 class Repo:
     def __init__(self, path: Path):
         self.path = path
@@ -63,7 +55,7 @@ class Repo:
 
     def set_params(self, changes: dict) -> None:
         params_file = self.path / "params.yaml"
-        params_file.write_text(yaml.safe_dump(merge(yaml.safe_load(params_file.read_text()), changes)))
+        params_file.write_text(yaml.safe_dump(merge_params(yaml.safe_load(params_file.read_text()), changes)))
 
     def metrics(self, name: str) -> dict:
         return json.loads((self.path / "metrics" / f"{name}.json").read_text())
