@@ -33,6 +33,16 @@ def small_config(**overrides) -> ModelConfig:
     return model_config("Tiny", "Tiny", **values)
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: fast on a shared 2-core machine and the same in every process
+    (CPU float kernels may depend on the thread count)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def perturb_(module: torch.nn.Module, std: float = 0.02) -> None:
     """Add noise to every parameter so that zero-initialised paths carry signal (as the
     reference fixture does)."""

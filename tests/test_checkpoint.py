@@ -18,7 +18,6 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from test_train import one_thread  # noqa: F401  (autouse fixture: one intra-op thread here too)
 from test_train import assert_same_training_state, child_env, train_config, train_values
 from unite.checkpoint import (
     CheckpointError,
@@ -36,6 +35,8 @@ from unite.checkpoint import (
 )
 from unite.model import UNITE
 from unite.train import train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_keep_last_and_latest(tmp_path: Path) -> None:

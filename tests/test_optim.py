@@ -15,7 +15,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import perturb_
-from test_train import one_thread  # noqa: F401  (autouse fixture: one intra-op thread here too)
 from test_train import TINY_MODEL, train_config
 from unite.checkpoint import list_checkpoints
 from unite.config import ConfigError, model_config
@@ -35,6 +34,8 @@ from unite.optim import (
 from unite.train import train
 from unite.train_config import build_schedule
 from unite.train_step import Engine
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model_with_grads(seed: int) -> UNITE:

@@ -10,13 +10,16 @@ import pytest
 import torch
 from torch import nn
 
-from test_train import TINY_MODEL, one_thread, train_config  # noqa: F401  (autouse fixture: one intra-op thread)
+from test_train import TINY_MODEL, train_config
 from unite.config import ConfigError, model_config
 from unite.model import UNITE
 from unite.optim import scaled_lr
 from unite.sampling import Guidance, sample
 from unite.train import allow_tf32, train
 from unite.train_config import build_schedule
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def test_unite_b_schedule_gives_the_reference_learning_rates() -> None:
     # The reference on ImageNet, 64 per GPU x 8 GPUs x 2 accumulation: its DistributedSampler pads

@@ -19,7 +19,6 @@ from torch import nn
 
 from conftest import small_config
 from test_data import SIZE, _epoch, make_folder, read_tar_samples
-from test_train import one_thread  # noqa: F401  (autouse fixture: one intra-op thread here too)
 from test_train import train_config, train_values
 from unite.checkpoint import load_checkpoint
 from unite.cli import main as unite_main
@@ -32,6 +31,8 @@ from unite.model import UNITE
 from unite.safe_load import UntrustedPickleError, load_torch_file
 from unite.train import main as train_main
 from unite.train import train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 UNITE_COMMAND = str(Path(sys.executable).parent / "unite")
 
