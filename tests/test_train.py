@@ -33,6 +33,7 @@ from unite.train import NonFiniteLossError, StopSignal, main, train
 from unite.train_config import TrainConfig, accumulation_steps, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # A model small enough for a step in a fraction of a second on one CPU thread.
 TINY_MODEL: dict[str, Any] = {
@@ -101,9 +102,6 @@ def metric_rows(out_dir: Path) -> list[dict[str, str]]:
 
 def child_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------ config

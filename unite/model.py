@@ -103,8 +103,9 @@ class Attention(nn.Module):
         """x (B, L, dim); rotation: the RoPE table as complex numbers (L, head_dim / 2)."""
         batch, length, dim = x.shape
         qkv = self.qkv(x).view(batch, length, 3, self.heads, -1)
-        # Normalised while each token's heads are still adjacent in memory (B, L, heads, head_dim):
-        # the same values as after the move to (B, heads, L, head_dim), a quarter faster on CPU.
+        # QK-norm while each token's heads are still adjacent in memory (B, L, heads, head_dim):
+        # the same values as after the move to (B, heads, L, head_dim), and on CPU the attention
+        # layer runs about a quarter faster at inference.
         q = apply_rope(self.q_norm(qkv[:, :, 0]).transpose(1, 2), rotation).to(qkv.dtype)
         k = apply_rope(self.k_norm(qkv[:, :, 1]).transpose(1, 2), rotation).to(qkv.dtype)
         out = F.scaled_dot_product_attention(q, k, qkv[:, :, 2].transpose(1, 2))
