@@ -74,9 +74,11 @@ class HostSyncCounter(TorchDispatchMode):
         program copies into pinned memory and reads it after an event)."""
         if func is aten._to_copy.default:
             source, target = args[0], kwargs.get("device")
+            non_blocking = kwargs.get("non_blocking", False)
         else:
             source, target = args[1], args[0].device
-        if not isinstance(source, torch.Tensor) or target is None or kwargs.get("non_blocking", False):
+            non_blocking = kwargs.get("non_blocking", len(args) > 2 and args[2])
+        if not isinstance(source, torch.Tensor) or target is None or non_blocking:
             return
         if source.device != self.host and torch.device(target) == self.host:
             self._count("copy to host", source.numel())
