@@ -18,13 +18,28 @@ PRESETS = Path("presets")
 
 def apply_preset(name: str, params_file: Path = PARAMS_FILE) -> list[str]:
     """Rewrite params_file with the preset applied; returns the changed keys."""
-    preset_file = PRESETS / f"{name}.yaml"
-    if not preset_file.is_file():
-        known = sorted(p.stem for p in PRESETS.glob("*.yaml"))
-        raise SystemExit(f"preset {name!r}: no {preset_file}; known presets: {known}")
     yaml = YAML()
     yaml.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
     params = yaml.load(params_file.read_text())
+    changed = _apply(name, params)
+    validate(YAML(typ="safe").load(_dump(yaml, params)))
+    params_file.write_text(_dump(yaml, params))
+    return changed
+
+
+def preset_params(name: str, params_file: Path = PARAMS_FILE, presets: Path = PRESETS) -> dict:
+    """The params `apply_preset` would write, validated, without writing them."""
+    params = YAML(typ="safe").load(params_file.read_text())
+    _apply(name, params, presets)
+    return validate(params)
+
+
+def _apply(name: str, params: dict, presets: Path = PRESETS) -> list[str]:
+    """Each key of the preset's sections replaces that key of `params`; returns the changed keys."""
+    preset_file = presets / f"{name}.yaml"
+    if not preset_file.is_file():
+        known = sorted(p.stem for p in presets.glob("*.yaml"))
+        raise SystemExit(f"preset {name!r}: no {preset_file}; known presets: {known}")
     changed = []
     for section, values in load_preset(preset_file).items():
         if section not in params:
@@ -33,8 +48,6 @@ def apply_preset(name: str, params_file: Path = PARAMS_FILE) -> list[str]:
             if params[section].get(key) != value:
                 params[section][key] = value
                 changed.append(f"{section}.{key}")
-    validate(YAML(typ="safe").load(_dump(yaml, params)))
-    params_file.write_text(_dump(yaml, params))
     return changed
 
 

@@ -2,6 +2,7 @@
 
     python -m stages.rehearse unite-b            # one preset
     python -m stages.rehearse --all              # every preset in presets/
+    python -m stages.rehearse unite-b-release --true-size --nproc 8 --nnodes 1 --json   # dry run at true size
 
 In a temporary copy of this repository (the workspace's params, data and checkpoints are never
 touched), it runs exactly what a user runs for the real thing, `python -m stages.preset NAME` and
@@ -14,6 +15,12 @@ varied sizes (`data/imagenet/{train,val}/<wnid>/*.JPEG`), a JiT-format statistic
 and `sigma`), and random Inception and VGG16 weights in a throwaway cache (INCEPTION_WEIGHTS,
 TORCH_HOME). The metrics mark those weights as not official, and the scores mean nothing; what
 counts is that every stage ran.
+
+`--true-size` checks what the rehearsal shrinks: it runs no pipeline, but the preset's training
+step, generation block and scoring at their true sizes on torch's fake tensors
+(`unite.dry_run`), and prints the recipe on `--nnodes` x `--nproc` GPUs, the peak memory per
+GPU, the FLOPs per image, the host syncs per optimizer step and the speed they imply. It fails
+(exit 1, naming the place) when a tensor lands on the wrong device or a preset does not fit.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from unite.data.image import center_crop, to_rgb
 from unite.metrics.features import InceptionFeatures
 from unite.metrics.fid import extract
 from unite.perceptual import VGG16_FILE
+from unite.sampling import Guidance
 from unite.stand_in_weights import write_random_inception_weights, write_random_vgg16_trunk
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,14 +198,89 @@ def rehearse(preset: str, workdir: Path, nproc: int = 2, device: str = "auto") -
     return json.loads((repo / "metrics" / "eval.json").read_text())
 
 
+def true_size(preset: str, nproc: int | None, nnodes: int, gpu_memory_gib: float) -> dict[str, Any]:
+    """The dry run of `preset` at its true size on nnodes x nproc GPUs (`unite.dry_run`); nproc
+    None takes the preset's train.nproc_per_node."""
+    from stages.params import train_config
+    from stages.preset import preset_params
+    from unite.dry_run import Generation, dry_run
+
+    params = preset_params(preset, ROOT / "params.yaml", PRESETS)
+    sweep, evaluate = params["sweep"], params["evaluate"]
+    cfg = train_config(params["train"], out_dir="checkpoints", data={"kind": "synthetic", "num_images": 1})
+    nproc = params["train"]["nproc_per_node"] if nproc is None else nproc
+    generation = Generation(
+        block_size=max(sweep["block_size"], evaluate["block_size"]),
+        guidance=Guidance(scale=sweep["start_scale"], interval=tuple(sweep["interval"]), norm_order=sweep["norm_order"]),
+        lpips=evaluate["lpips"],
+        inception=params["fid_ref"]["feature_space"] == "inception",
+    )
+    report = dry_run(cfg, nproc * nnodes, generation, gpu_memory_gib=gpu_memory_gib)
+    return {"preset": preset, "nnodes": nnodes, "nproc_per_node": nproc, **report}
+
+
+def summary(report: dict[str, Any]) -> str:
+    """The dry run's report in a few lines."""
+    recipe, memory, flops, speed = report["recipe"], report["memory"], report["flops"], report["throughput"]
+    fits = "fits" if memory["fits"] else "DOES NOT FIT"
+    return "\n".join([
+        f"dry run: {report['preset']} on {report['nnodes']} x {report['nproc_per_node']} GPUs: every stage's code "
+        "ran at true size on fake CUDA tensors",
+        f"  recipe: global batch {recipe['global_batch']} = {recipe['per_device_batch']} per GPU x "
+        f"{report['world_size']} GPUs x {recipe['accumulation']} accumulation; peak lr {recipe['peak_lr']:.4g}; "
+        f"warmup to step {recipe['warmup_steps']}, hold to {recipe['hold_until_step']}, cosine to "
+        f"{recipe['decay_until_step']}, {recipe['max_steps']} steps",
+        f"  memory per GPU: training {memory['train_peak_gib']} GiB, generation {memory['generation_peak_gib']} GiB: "
+        f"{fits} {memory['gpu_memory_gib']} GiB with {memory['headroom']:.0%} headroom (largest batch per GPU "
+        f"{memory['max_per_device_batch']})",
+        f"  FLOPs: training {flops['train_per_image'] / 1e12:.3f} TFLOP per image, generation "
+        f"{flops['generation_per_image_per_nfe'] / 1e9:.1f} GFLOP per image per function evaluation",
+        f"  at {speed['assumed_mfu']:.0%} of {speed['peak_bf16_tflops']} TFLOP/s: {speed['step_s']} s per step, "
+        f"{speed['images_per_s_per_gpu']} images/s per GPU, {speed['epoch_minutes']} min per ImageNet epoch "
+        f"(the paper: UNITE-B {speed['paper_unite_b_8_h200']['epoch_minutes']} min on 8 H200)",
+        f"  host syncs per optimizer step: {report['host_syncs_per_step']} ({report['host_values_per_step']} values)",
+    ])
+
+
+def dry_runs(names: list[str], args: argparse.Namespace) -> int:
+    """`--true-size`: the dry run of each preset; exit 1 when one fails or does not fit."""
+    from unite.config import ConfigError
+    from unite.dry_run import DryRunFailed
+
+    status = 0
+    for name in names:
+        try:
+            report = true_size(name, args.nproc, args.nnodes, args.gpu_memory_gib)
+        except (DryRunFailed, ConfigError) as failure:
+            print(f"error: dry run: {name}: {failure}", file=sys.stderr)
+            status = 1
+            continue
+        print(json.dumps(report) if args.json else summary(report), flush=True)
+        if not report["memory"]["fits"]:
+            print(f"error: dry run: {name}: does not fit {args.gpu_memory_gib} GiB per GPU with 10% headroom; "
+                  f"lower train.per_device_batch (at most {report['memory']['max_per_device_batch']}) in "
+                  f"presets/{name}.yaml", file=sys.stderr)
+            status = 1
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stages.rehearse", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("presets", nargs="*", help="names of files in presets/, e.g. unite-b")
     parser.add_argument("--all", action="store_true", help="every preset in presets/")
-    parser.add_argument("--nproc", type=int, default=2, help="torchrun processes per stage (default 2)")
+    parser.add_argument("--nproc", type=int,
+                        help="torchrun processes per stage (default 2); with --true-size: GPUs per node "
+                             "(default: the preset's train.nproc_per_node)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="train.device")
     parser.add_argument("--keep", type=Path, help="work in this new folder and keep it (default: a temporary one)")
+    parser.add_argument("--true-size", action="store_true",
+                        help="no rehearsal: a dry run of the preset at its true size on fake tensors (minutes, no GPU): "
+                             "device placement, peak memory per GPU, FLOPs, host syncs, the recipe on --nnodes x --nproc GPUs")
+    parser.add_argument("--nnodes", type=int, default=1, help="with --true-size: nodes (default 1)")
+    parser.add_argument("--gpu-memory-gib", type=float, default=141.0,
+                        help="with --true-size: memory of one GPU in GiB (default 141, an H200)")
+    parser.add_argument("--json", action="store_true", help="with --true-size: one JSON object per preset")
     args = parser.parse_args(argv)
     known = sorted(p.stem for p in PRESETS.glob("*.yaml"))
     names = known if args.all else args.presets
@@ -207,12 +290,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.keep is not None and args.keep.exists():
         parser.error(f"--keep {args.keep}: already exists; give a new folder")
 
+    if args.true_size:
+        return dry_runs(names, args)
     for name in names:
         workdir = (args.keep / name) if args.keep else Path(tempfile.mkdtemp(prefix=f"unite-rehearsal-{name}-")) / "run"
         start = time.monotonic()
         print(f"rehearsal: {name} in {workdir}", flush=True)
         try:
-            metrics = rehearse(name, workdir, args.nproc, args.device)
+            metrics = rehearse(name, workdir, args.nproc or 2, args.device)
         except RehearsalFailed as failure:
             print(f"\nrehearsal: {name} FAILED: {failure}", file=sys.stderr)
             print(f"rehearsal: its workspace is kept for inspection: {workdir / 'repo'}", file=sys.stderr)
@@ -228,3 +313,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
