@@ -20,7 +20,8 @@ from stages.launch import StageArguments, run_stage
 from stages.params import load_stage_params
 from unite.cfg_search import adaptive_cfg_search, wide_sweep
 from unite.distributed import close_runtime, init_runtime
-from unite.evaluation import EvaluationProtocol, allow_tf32_matmul, feature_space, generate_and_score, load_exported_model
+from unite.evaluation import (EvaluationProtocol, allow_tf32_matmul, feature_space, generate_and_score,
+                              load_exported_model)
 from unite.metrics.features import distance_key
 from unite.metrics.fid import GaussianStats
 from unite.sampling import Guidance

@@ -179,7 +179,8 @@ def test_image_order_inception_score_depends_on_the_order():
     # close to every p(y|x) and its score close to 1; permuted or shuffled, the splits mix the
     # classes and score higher. The reference formula agrees in both orders.
     classes = [c for c in range(4) for _ in range(10)]
-    logits = confident_logits(classes, width=20, gap=4.0) + torch.randn(40, 20, generator=torch.Generator().manual_seed(3))
+    noise = torch.randn(40, 20, generator=torch.Generator().manual_seed(3))
+    logits = confident_logits(classes, width=20, gap=4.0) + noise
     permuted = logits[torch.randperm(40, generator=torch.Generator().manual_seed(4))]
     sorted_score = inception_score(logits, 4, split_order="image_order")
     permuted_score = inception_score(permuted, 4, split_order="image_order")
@@ -195,7 +196,8 @@ def test_image_order_inception_score_depends_on_the_order():
 
 
 def test_unknown_inception_split_order_is_named():
-    with pytest.raises(MetricsInputError, match=r"is_split_order='sorted': must be one of \['shuffled', 'image_order'\]"):
+    expected = r"is_split_order='sorted': must be one of \['shuffled', 'image_order'\]"
+    with pytest.raises(MetricsInputError, match=expected):
         InceptionScore(20, 2, split_order="sorted")
 
 
