@@ -1,7 +1,9 @@
 """Stage evaluate: the reported scores at the setting the sweep chose (on images of their own
-unless sweep.search_set is "reported"):
+unless evaluate.protocol is "reference"):
 Frechet distance (FID in Inception space, with IS), class consistency, reconstruction metrics on
-the validation split, a per-class sample grid, and the provenance of the run.
+the validation split, a per-class sample grid, and the provenance of the run. The protocol
+(unite.evaluation.EvaluationProtocol) also sets the generation block size, the Inception Score's
+splits and TF32; the metrics record the settings in effect.
 
 Runs under torchrun: every rank generates its share of the images and passes each block on to
 rank 0, which scores it, writes it to <samples>/images.npz and drops it (memory stays flat in the
@@ -13,7 +15,8 @@ from contextlib import ExitStack
 from stages.launch import StageArguments, run_stage
 from stages.params import load_stage_params
 from unite.distributed import close_runtime, init_runtime
-from unite.evaluation import feature_space, generate_and_score, load_exported_model, load_split, reconstruct
+from unite.evaluation import (EvaluationProtocol, allow_tf32_matmul, feature_space, generate_and_score,
+                              load_exported_model, load_split, reconstruct)
 from unite.metrics.fid import GaussianStats
 from unite.generate import GridSamples, NpzImageWriter
 from unite.metrics.class_consistency import ClassConsistency
@@ -42,8 +45,11 @@ def main(argv: list[str] | None = None) -> None:
     args = arguments().parse(argv)
     params = load_stage_params("evaluate")
     evaluate, ref = params["evaluate"], params["fid_ref"]
+    protocol = EvaluationProtocol.named(evaluate["protocol"])
+    generation = protocol.generation(evaluate)
     runtime = init_runtime()
     device = runtime.device
+    allow_tf32_matmul(protocol.tf32, device)
     model = load_exported_model(args.model, device)
     chosen = json.loads(args.sweep.read_text())["chosen"]
     guidance = Guidance(scale=chosen["scale"], interval=tuple(chosen["interval"]), norm_order=chosen["norm_order"])
@@ -61,12 +67,13 @@ def main(argv: list[str] | None = None) -> None:
             if evaluate["class_consistency"]:
                 consistency = ClassConsistency(PixelClassifier(*load_split(args.shards / "train")))
                 consumers.append(consistency)
-        scores = generate_and_score(model, space, reference, evaluate["num_images"], guidance, evaluate["seed"],
-                                    evaluate["solver"], evaluate["steps"], evaluate["block_size"], runtime, consumers)
+        scores = generate_and_score(model, space, reference, generation["num_images"], guidance, generation["seed"],
+                                    generation["solver"], generation["steps"], generation["block_size"], runtime,
+                                    consumers, is_split_order=protocol.is_split_order)
     close_runtime()
     if not runtime.is_main:
         return
-    metrics = {"generation": {**scores, "cfg_scale": guidance.scale, "solver": evaluate["solver"]}}
+    metrics = {**protocol.record(), "generation": {**scores, "cfg_scale": guidance.scale, **generation}}
     if evaluate["class_consistency"]:
         metrics["generation"]["class_consistency"] = consistency.value
     lpips = build_lpips().to(device) if evaluate["lpips"] else None

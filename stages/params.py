@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from unite.config import ConfigError
-from unite.options import FEATURE_SPACES, NORM_ORDERS, SHARD_STORES, SOLVERS, check_choice, check_interval, has_type
+from unite.options import (FEATURE_SPACES, NORM_ORDERS, PROTOCOLS, SHARD_STORES, SOLVERS, check_choice, check_interval,
+                           has_type)
 
 if TYPE_CHECKING:
     from unite.train_config import TrainConfig
@@ -29,8 +30,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "fid_ref": {"feature_space": str, "stats": (str, None), "inception_weights": (str, None), "batch_size": int},
     "sweep": {"nproc_per_node": int, "num_images": int, "seed": int, "start_scale": float, "step": float,
               "max_extra_steps": int, "interval": list, "norm_order": str, "solver": str, "steps": int,
-              "block_size": int, "search_set": str, "wide": list, "wide_changes_choice": bool},
-    "evaluate": {"nproc_per_node": int, "num_images": int, "seed": int, "solver": str, "steps": int,
+              "block_size": int, "wide": list, "wide_changes_choice": bool},
+    "evaluate": {"nproc_per_node": int, "protocol": str, "num_images": int, "seed": int, "solver": str, "steps": int,
                  "block_size": int, "grid_per_class": int, "recon_images": int, "class_consistency": bool,
                  "lpips": bool},
 }
@@ -38,9 +39,14 @@ CHOICES = {
     ("shard", "store"): SHARD_STORES,
     ("fid_ref", "feature_space"): FEATURE_SPACES,
     ("sweep", "norm_order"): NORM_ORDERS,
-    ("sweep", "search_set"): ("separate", "reported"),
     ("sweep", "solver"): SOLVERS,
+    ("evaluate", "protocol"): PROTOCOLS,
     ("evaluate", "solver"): SOLVERS,
+}
+# Keys that were dropped, and what replaces each: a file that still sets one is refused with this.
+RETIRED = {
+    ("sweep", "search_set"): "retired: evaluate.protocol replaces it (reference: search on evaluate's images, "
+                             "as the reference does)",
 }
 
 
@@ -53,6 +59,9 @@ def _type_name(expected: Any) -> str:
 def _check_section(name: str, section: Any, schema: dict[str, Any]) -> None:
     if not isinstance(section, dict):
         raise ConfigError(f"{name}: expected a mapping, got {section!r}")
+    for key in section:
+        if (name, key) in RETIRED:
+            raise ConfigError(f"{name}.{key}={section[key]!r}: {RETIRED[(name, key)]}")
     unknown = sorted(set(section) - set(schema))
     if unknown:
         raise ConfigError(f"{name}: unknown keys {unknown}; known keys: {sorted(schema)}")

@@ -3,10 +3,11 @@
 (json: chosen setting, every point) and --table (tsv: Frechet distance vs CFG scale, one row per
 point).
 
-sweep.search_set says which images the search scores: "separate" (default) generates the sweep's
-own budget (sweep.num_images, sweep.seed, sweep.solver, sweep.steps, sweep.block_size), so the
-reported scores are not tuned on the images they are measured on; "reported" generates exactly
-the images that evaluate reports (evaluate's num_images, seed, solver, steps and block_size), as
+evaluate.protocol says which images the search scores (unite.evaluation.EvaluationProtocol):
+"separate" (default) generates the sweep's own budget (sweep.num_images, sweep.seed, sweep.solver,
+sweep.steps, sweep.block_size), so the reported scores are not tuned on the images they are
+measured on; "reference" generates exactly the images that evaluate reports (evaluate's
+num_images, seed, solver and steps) in the reference's blocks of 16, with TF32 matmuls on CUDA, as
 the reference does, for comparison with its numbers. The wide points are reported and, as in the
 reference, never change the chosen setting unless sweep.wide_changes_choice is true.
 
@@ -19,19 +20,13 @@ from stages.launch import StageArguments, run_stage
 from stages.params import load_stage_params
 from unite.cfg_search import adaptive_cfg_search, wide_sweep
 from unite.distributed import close_runtime, init_runtime
-from unite.evaluation import feature_space, generate_and_score, load_exported_model
+from unite.evaluation import (EvaluationProtocol, allow_tf32_matmul, feature_space, generate_and_score,
+                              load_exported_model)
 from unite.metrics.features import distance_key
 from unite.metrics.fid import GaussianStats
 from unite.sampling import Guidance
 
 METRIC = "frechet_distance"
-GENERATION_KEYS = ("num_images", "seed", "solver", "steps", "block_size")
-
-
-def search_images(params: dict) -> dict:
-    """The generation settings of the images the search scores (see sweep.search_set)."""
-    source = params["evaluate"] if params["sweep"]["search_set"] == "reported" else params["sweep"]
-    return {key: source[key] for key in GENERATION_KEYS}
 
 
 def arguments() -> StageArguments:
@@ -49,8 +44,10 @@ def main(argv: list[str] | None = None) -> None:
     args = arguments().parse(argv)
     params = load_stage_params("sweep")
     sweep, ref = params["sweep"], params["fid_ref"]
-    images = search_images(params)
+    protocol = EvaluationProtocol.named(params["evaluate"]["protocol"])
+    images = protocol.search_images(params)
     runtime = init_runtime()
+    allow_tf32_matmul(protocol.tf32, runtime.device)
     model = load_exported_model(args.model, runtime.device)
     space = reference = None
     if runtime.is_main:
@@ -61,7 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     def evaluate(scale: float, interval: tuple[float, float], norm_order: str) -> float:
         guidance = Guidance(scale=scale, interval=interval, norm_order=norm_order)
         scores = generate_and_score(model, space, reference, images["num_images"], guidance, images["seed"],
-                                    images["solver"], images["steps"], images["block_size"], runtime)
+                                    images["solver"], images["steps"], images["block_size"], runtime,
+                                    is_split_order=protocol.is_split_order)
         value = [scores[distance_key(ref["feature_space"])] if scores else None]
         if runtime.world_size > 1:
             dist.broadcast_object_list(value, src=0)
@@ -78,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         result = wide_sweep(evaluate, result, settings, may_change_choice=sweep["wide_changes_choice"])
     close_runtime()
     if runtime.is_main:
-        result.write(args.metrics, args.table)
+        result.write(args.metrics, args.table, {**protocol.record(), "search_images": images})
         chosen = result.chosen
         print(f"sweep: chose cfg {chosen.scale:.2f} ({METRIC} {chosen.value:.4f}) after {len(result.points)} points")
 

@@ -1,5 +1,5 @@
 """Evaluation runs: seeded reconstruction draws and the image limit; streamed generation and
-scoring equal to holding every image, on one rank or two."""
+scoring equal to holding every image, on one rank or two; the evaluation protocols and TF32."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from unite.data.manifest import write_manifest
 from unite.data.shards import write_shards
 from unite.demo_data import write_demo_folder
 from unite.distributed import Runtime
-from unite.evaluation import generate_and_score, reconstruct
+from unite.evaluation import EvaluationProtocol, allow_tf32_matmul, generate_and_score, reconstruct
 from unite.generate import GridSamples, NpzImageWriter, generate, sample_grid
 from unite.metrics.class_consistency import ClassConsistency, class_consistency
 from unite.metrics.features import PixelFeatures
@@ -178,3 +178,31 @@ def test_npz_writer_keeps_no_file_when_images_are_missing(tmp_path):
             writer(range(0, 2), torch.zeros(2), torch.zeros((2, 2, 2, 3), dtype=torch.uint8))
             writer(range(2, 4), torch.zeros(2), torch.zeros((2, 2, 2, 3), dtype=torch.uint8))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_tf32_matmul_is_set_for_cuda_only(enabled: bool) -> None:
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = not enabled
+        allow_tf32_matmul(enabled, torch.device("cpu"))
+        assert torch.backends.cuda.matmul.allow_tf32 == (not enabled)
+        allow_tf32_matmul(enabled, torch.device("cuda", 0))  # sets a flag only: no CUDA device is touched
+        assert torch.backends.cuda.matmul.allow_tf32 == enabled
+        assert torch.backends.cudnn.allow_tf32 == before[1]  # cuDNN keeps its setting
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_protocols_pick_the_search_images_and_the_block_size():
+    params = {"sweep": {"num_images": 20, "seed": 1, "solver": "euler", "steps": 2, "block_size": 7},
+              "evaluate": {"num_images": 30, "seed": 5, "solver": "dopri5", "steps": 3, "block_size": 250}}
+    separate, reference = EvaluationProtocol.named("separate"), EvaluationProtocol.named("reference")
+    assert separate.search_images(params) == params["sweep"]
+    assert separate.generation(params["evaluate"]) == params["evaluate"]
+    assert reference.search_images(params) == {**params["evaluate"], "block_size": 16}
+    assert reference.generation(params["evaluate"]) == {**params["evaluate"], "block_size": 16}
+    assert (separate.is_split_order, separate.tf32, reference.is_split_order, reference.tf32) == (
+        "shuffled", False, "image_order", True)
+    with pytest.raises(ValueError, match=r"evaluate.protocol='reported': must be one of \['separate', 'reference'\]"):
+        EvaluationProtocol.named("reported")

@@ -133,6 +133,74 @@ def test_streamed_inception_score_matches_torch_fidelity_in_any_batching(total_k
                            pytest.approx(theirs["inception_score_std"], rel=1e-12))
 
 
+def reference_inception_score(logits: np.ndarray, splits: int = 10, eps: float = 1e-10) -> tuple[float, float]:
+    """The reference's compute_inception_score (utils/fid.py) in NumPy: splits of n = N // splits
+    images in image order, no shuffle, the last N - splits n images unused; logs of p + eps."""
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs = shifted / shifted.sum(axis=1, keepdims=True)
+    n = len(probs) // splits
+    scores = []
+    for k in range(splits):
+        part = probs[k * n : (k + 1) * n]
+        marginal = part.mean(axis=0, keepdims=True)
+        kl = np.sum(part * (np.log(part + eps) - np.log(marginal + eps)), axis=1)
+        scores.append(np.exp(kl.mean()))
+    return float(np.mean(scores)), float(np.std(scores)), max(scores)
+
+
+def assert_matches_reference_is(ours: tuple[float, float], logits: torch.Tensor, splits: int = 10) -> None:
+    """Ours (exact logs) against the NumPy formula (logs of p + 1e-10): the eps moves each image's KL
+    by at most 2 C eps for C classes (sum_y p eps / p over p(y|x) and over p(y)), so each split's
+    score by a factor within exp(+-2 C eps), the mean relatively and the std absolutely (times the
+    largest score) by at most that; 3 C eps leaves room for float64 rounding."""
+    mean, std, largest = reference_inception_score(logits.double().numpy(), splits)
+    bound = 3 * logits.shape[1] * 1e-10
+    assert ours[0] == pytest.approx(mean, rel=bound)
+    assert ours[1] == pytest.approx(std, abs=bound * largest)
+
+
+@pytest.mark.parametrize("total_known", [True, False])
+def test_image_order_inception_score_is_the_references_formula(total_known):
+    # 103 images in 10 splits: splits of 10 images in order, images 100-102 left out.
+    logits = torch.randn(103, 1000, generator=torch.Generator().manual_seed(2)) * 3
+    images = torch.randint(0, 256, (103, 3, 2, 2), dtype=torch.uint8)
+    batches = [images[a:b] for a, b in ((0, 7), (7, 8), (8, 95), (95, 103))]
+    _, ours = extract(LogitSpace(logits), batches, total=103 if total_known else None, is_splits=10,
+                      is_split_order="image_order", progress=False)
+    assert_matches_reference_is(ours, logits)
+    assert inception_score(logits, 10, split_order="image_order") == ours
+    changed_tail = logits.clone()
+    changed_tail[100:] = torch.randn(3, 1000) * 5
+    assert inception_score(changed_tail, 10, split_order="image_order") == ours
+
+
+def test_image_order_inception_score_depends_on_the_order():
+    # Four classes, images sorted by class: each in-order split holds one class, so its p(y) is
+    # close to every p(y|x) and its score close to 1; permuted or shuffled, the splits mix the
+    # classes and score higher. The reference formula agrees in both orders.
+    classes = [c for c in range(4) for _ in range(10)]
+    noise = torch.randn(40, 20, generator=torch.Generator().manual_seed(3))
+    logits = confident_logits(classes, width=20, gap=4.0) + noise
+    permuted = logits[torch.randperm(40, generator=torch.Generator().manual_seed(4))]
+    sorted_score = inception_score(logits, 4, split_order="image_order")
+    permuted_score = inception_score(permuted, 4, split_order="image_order")
+    assert_matches_reference_is(sorted_score, logits, 4)
+    assert_matches_reference_is(permuted_score, permuted, 4)
+    assert sorted_score[0] < permuted_score[0]
+    # torch-fidelity's shuffled splits of the sorted images mix the classes too.
+    theirs = isc_features_to_metric(logits, splits=4, shuffle=True, rng_seed=2020)
+    shuffled_score = inception_score(logits, 4)
+    assert shuffled_score == (pytest.approx(theirs["inception_score_mean"], rel=1e-12),
+                              pytest.approx(theirs["inception_score_std"], rel=1e-12))
+    assert sorted_score[0] < shuffled_score[0]
+
+
+def test_unknown_inception_split_order_is_named():
+    expected = r"is_split_order='sorted': must be one of \['shuffled', 'image_order'\]"
+    with pytest.raises(MetricsInputError, match=expected):
+        InceptionScore(20, 2, split_order="sorted")
+
+
 def test_streamed_inception_score_holds_per_split_sums_only():
     score = InceptionScore(count=5000, splits=10)
     score.update(torch.randn(4000, 1000))

@@ -155,7 +155,7 @@ def test_plots_and_the_report_render_offline(repo, tmp_path):
 
 
 def test_an_evaluation_param_reruns_only_evaluation(repo):
-    repo.set_params({"evaluate": {"grid_per_class": 3}})  # evaluate.seed would also rerun sweep (search_set)
+    repo.set_params({"evaluate": {"grid_per_class": 3}})  # evaluate.seed would also rerun sweep (evaluate.protocol)
     result = repo.run("dvc", "repro")
     assert "Running stage 'evaluate'" in result.stdout
     for stage in ["demo_data", "manifest", "shard", "fid_ref", "train", "export", "sweep"]:

@@ -36,10 +36,11 @@ def test_guidance_orders_match_their_definitions(model):
     cond = model.predict(x, t, labels, normalize=False)
     uncond = model.predict(x, t, null, normalize=False)
     ln, w = model.latent_norm, 2.5
+    # As the reference computes them: no LayerNorm after combining (see the Guidance docstring).
     expected = {
         "norm_first": ln(uncond) + w * (ln(cond) - ln(uncond)),
-        "cfg_first": ln(uncond + w * (cond - uncond)),
-        "both": ln(ln(uncond) + w * (ln(cond) - ln(uncond))),
+        "cfg_first": uncond + w * (cond - uncond),
+        "both": ln(uncond) + w * (ln(cond) - ln(uncond)),
     }
     for order, value in expected.items():
         got = guided_prediction(model, x, t, labels, Guidance(scale=w, norm_order=order))

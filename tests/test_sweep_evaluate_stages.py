@@ -1,5 +1,6 @@
 """The sweep and evaluate stages run in a prepared workspace (an export, shards, reference
-statistics, params.yaml): which images the CFG search scores, the wide points, the sample grid."""
+statistics, params.yaml): what each evaluation protocol changes (the images the CFG search scores,
+the generation blocks, the Inception Score's splits, TF32), the wide points, the sample grid."""
 
 from __future__ import annotations
 
@@ -58,13 +59,13 @@ def prepared(tmp_path_factory) -> Path:
     return root
 
 
-def workspace(prepared: Path, tmp_path: Path, monkeypatch, search_set: str) -> Path:
+def workspace(prepared: Path, tmp_path: Path, monkeypatch, protocol: str) -> Path:
     for name in ("data", "models"):
         (tmp_path / name).symlink_to(prepared / name)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for section, values in SMALL.items():
         params[section].update(values)
-    params["sweep"]["search_set"] = search_set
+    params["evaluate"]["protocol"] = protocol
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
     return tmp_path
@@ -77,28 +78,61 @@ def stage_options(stage: str) -> list[str]:
     return command[4:]
 
 
-def run_stages() -> tuple[dict, dict]:
+def run_stages(monkeypatch) -> tuple[dict, dict, dict]:
+    """Run sweep then evaluate; returns their metrics and, per stage, what it asked for: the TF32
+    setting and (num_images, seed, solver, steps, block_size, IS split order) of each generation."""
+    calls: dict = {"sweep": {"tf32": [], "generation": []}, "evaluate": {"tf32": [], "generation": []}}
+    for name, module in (("sweep", sweep_stage), ("evaluate", evaluate_stage)):
+        real = module.generate_and_score
+
+        def recorded(model, space, reference, num_images, guidance, seed, solver, steps, block_size, runtime,
+                     consumers=(), *, is_split_order, _real=real, _calls=calls[name]):
+            _calls["generation"].append((num_images, seed, solver, steps, block_size, is_split_order))
+            return _real(model, space, reference, num_images, guidance, seed, solver, steps, block_size, runtime,
+                         consumers, is_split_order=is_split_order)
+
+        monkeypatch.setattr(module, "generate_and_score", recorded)
+        monkeypatch.setattr(module, "allow_tf32_matmul",
+                            lambda enabled, device, _calls=calls[name]: _calls["tf32"].append((enabled, device.type)))
     sweep_stage.main(stage_options("sweep"))
     evaluate_stage.main(stage_options("evaluate"))
-    return json.loads(Path("metrics/sweep.json").read_text()), json.loads(Path("metrics/eval.json").read_text())
+    metrics = [json.loads(Path(f"metrics/{name}.json").read_text()) for name in ("sweep", "eval")]
+    return metrics[0], metrics[1], calls
 
 
-def test_the_reported_search_set_scores_the_images_that_evaluate_reports(prepared, tmp_path, monkeypatch):
-    workspace(prepared, tmp_path, monkeypatch, "reported")
-    sweep, evaluation = run_stages()
+def test_the_reference_protocol_scores_evaluates_images_in_blocks_of_16(prepared, tmp_path, monkeypatch):
+    workspace(prepared, tmp_path, monkeypatch, "reference")
+    sweep, evaluation, calls = run_stages(monkeypatch)
     chosen = sweep["chosen"]
     assert chosen["stage"] == "search" and chosen["interval"] == [0.1, 1.0] and chosen["norm_order"] == "norm_first"
-    # Same images (evaluate's count, seed and solver) at the chosen setting: the same score, to the bit.
+    # Evaluate's count, seed, solver and steps, the reference's blocks of 16 (not block_size 7 or 8),
+    # its in-order IS splits, TF32 on (the stub records the request on this CPU).
+    reported = (30, 5, "euler", 3, 16, "image_order")
+    assert set(calls["sweep"]["generation"]) == {reported} and len(calls["sweep"]["generation"]) == 3
+    assert calls["evaluate"]["generation"] == [reported]
+    assert calls["sweep"]["tf32"] == calls["evaluate"]["tf32"] == [(True, "cpu")]
+    # Same images at the chosen setting: the same score, to the bit.
     assert evaluation["generation"]["fd"] == chosen["frechet_distance"]
     assert evaluation["generation"]["num_images"] == 30 and evaluation["generation"]["cfg_scale"] == chosen["scale"]
+    settings = {"protocol": "reference", "is_split_order": "image_order", "tf32": True}
+    assert {key: sweep[key] for key in settings} == settings
+    assert sweep["search_images"] == {"num_images": 30, "seed": 5, "solver": "euler", "steps": 3, "block_size": 16}
+    assert {key: evaluation[key] for key in settings} == settings
+    assert evaluation["generation"]["block_size"] == 16 and evaluation["generation"]["seed"] == 5
     with np.load("samples/images.npz") as data:
         assert data["arr_0"].shape == (30, 16, 16, 3)
 
 
-def test_the_separate_search_set_has_its_own_images_and_reports_wide_points(prepared, tmp_path, monkeypatch):
+def test_the_separate_protocol_has_its_own_images_and_reports_wide_points(prepared, tmp_path, monkeypatch):
     """Also: the grid shows the 16-pixel digits enlarged 4x (nearest neighbour), at 64 pixels."""
     workspace(prepared, tmp_path, monkeypatch, "separate")
-    sweep, evaluation = run_stages()
+    sweep, evaluation, calls = run_stages(monkeypatch)
+    # The sweep's own budget and block size, evaluate's block size, torch-fidelity's IS, no TF32.
+    assert set(calls["sweep"]["generation"]) == {(20, 1000, "euler", 2, 7, "shuffled")}
+    assert calls["evaluate"]["generation"] == [(30, 5, "euler", 3, 8, "shuffled")]
+    assert calls["sweep"]["tf32"] == calls["evaluate"]["tf32"] == [(False, "cpu")]
+    assert sweep["protocol"] == evaluation["protocol"] == "separate"
+    assert evaluation["is_split_order"] == "shuffled" and evaluation["generation"]["block_size"] == 8
     assert [(p["scale"], p["norm_order"], p["stage"]) for p in sweep["points"]] == [
         (2.0, "norm_first", "search"), (1.5, "norm_first", "search"), (sweep["chosen"]["scale"], "cfg_first", "sweep")]
     assert sweep["chosen"]["stage"] == "search"

@@ -56,11 +56,12 @@ class CfgResult:
 
         return {"metric": self.metric, "chosen": point(self.chosen), "points": [point(p) for p in self.points]}
 
-    def write(self, json_path: str | os.PathLike, tsv_path: str | os.PathLike) -> None:
-        """Write the JSON and a TSV (one row per point) that `dvc plots` can draw as metric vs cfg_scale."""
+    def write(self, json_path: str | os.PathLike, tsv_path: str | os.PathLike, extra: dict | None = None) -> None:
+        """Write the JSON (with the entries of `extra` added, e.g. how the images were made) and a
+        TSV (one row per point) that `dvc plots` can draw as metric vs cfg_scale."""
         for path in (json_path, tsv_path):
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        Path(json_path).write_text(json.dumps({**self.to_dict(), **(extra or {})}, indent=2) + "\n")
         with open(tsv_path, "w", newline="") as handle:
             writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
             writer.writerow((*TSV_COLUMNS, self.metric))

@@ -4,7 +4,7 @@ space, generation at a guidance setting, and the scores of the result."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -17,7 +17,61 @@ from unite.generate import generate_in_order
 from unite.metrics.features import FeatureSpace, build_feature_space
 from unite.metrics.fid import GaussianStats, evaluate_images
 from unite.model import UNITE
+from unite.options import PROTOCOLS, check_choice
 from unite.sampling import Guidance
+
+REFERENCE_BLOCK_SIZE = 16  # the reference's eval_batch_size (configs/imagenet.yaml)
+GENERATION_KEYS = ("num_images", "seed", "solver", "steps", "block_size")
+
+
+@dataclass(frozen=True)
+class EvaluationProtocol:
+    """How the sweep and evaluate generate and score images (evaluate.protocol).
+
+    "separate" (this project's default): the sweep searches on a budget of its own (the sweep
+    section's images), generation blocks are the params' block_size, Inception Score splits are
+    torch-fidelity's (shuffled), TF32 matmuls off. "reference": the reference's protocol as a
+    whole, to compare with its numbers: the sweep searches on the very images evaluate reports,
+    both stages solve blocks of 16 images (dopri5's adaptive steps depend on the block, so the
+    block size is part of the protocol and overrides block_size), Inception Score splits in image
+    order, TF32 on for CUDA matmuls (the reference samples in its training process, which allows
+    TF32)."""
+
+    name: str
+    search_on_reported: bool
+    block_size: int | None  # None: the params' block_size
+    is_split_order: str  # one of unite.metrics.fid.IS_SPLIT_ORDERS
+    tf32: bool
+
+    @classmethod
+    def named(cls, name: str) -> "EvaluationProtocol":
+        check_choice("evaluate.protocol", name, PROTOCOLS)
+        if name == "reference":
+            return cls(name, True, REFERENCE_BLOCK_SIZE, "image_order", True)
+        return cls(name, False, None, "shuffled", False)
+
+    def generation(self, section: dict) -> dict:
+        """The generation settings (GENERATION_KEYS) of a sweep or evaluate params section under
+        this protocol: the section's own, with the protocol's block size where it sets one."""
+        settings = {key: section[key] for key in GENERATION_KEYS}
+        if self.block_size is not None:
+            settings["block_size"] = self.block_size
+        return settings
+
+    def search_images(self, params: dict) -> dict:
+        """The generation settings of the images the sweep's search scores."""
+        return self.generation(params["evaluate"] if self.search_on_reported else params["sweep"])
+
+    def record(self) -> dict:
+        """What the metrics files say about the protocol."""
+        return {"protocol": self.name, "is_split_order": self.is_split_order, "tf32": self.tf32}
+
+
+def allow_tf32_matmul(enabled: bool, device: torch.device) -> None:
+    """TF32 for CUDA matmuls (process-wide) on a CUDA device; nothing elsewhere. cuDNN keeps
+    PyTorch's default (TF32 allowed), as in the reference."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = enabled
 
 
 def load_exported_model(path: str | Path, device: torch.device) -> UNITE:
@@ -65,6 +119,7 @@ def generate_and_score(
     block_size: int,
     runtime: Runtime | None = None,
     consumers: Sequence[BlockConsumer] = (),
+    is_split_order: str = "shuffled",
 ) -> dict | None:
     """Generate class-balanced images (on every rank of `runtime`) and score them against the
     reference statistics on the main process, which alone needs `space` and `reference`.
@@ -72,8 +127,9 @@ def generate_and_score(
     The main process scores the blocks in index order as they arrive and passes each one, as
     (indices, labels, uint8 images (B, H, W, 3)), to every consumer (an npz writer, a grid, a
     class-consistency count) before dropping it, so memory stays flat in `num_images` and the
-    scores do not depend on the number of ranks. Returns the scores on the main process, None
-    elsewhere."""
+    scores do not depend on the number of ranks. The Inception Score's splits are cut as
+    `is_split_order` (unite.metrics.fid.IS_SPLIT_ORDERS). Returns the scores on the main process,
+    None elsewhere."""
     runtime = runtime or Runtime(0, 1, next(model.parameters()).device)
     blocks = generate_in_order(model, num_images, guidance, runtime, seed=seed, block_size=block_size,
                                solver=solver, steps=steps)
@@ -88,7 +144,8 @@ def generate_and_score(
                 consume(indices, labels, images)
             yield images.permute(0, 3, 1, 2)
 
-    return evaluate_images(scored_batches(), reference, space, total=num_images, progress=False)
+    return evaluate_images(scored_batches(), reference, space, total=num_images, is_split_order=is_split_order,
+                           progress=False)
 
 
 def reconstruct(

@@ -4,6 +4,7 @@ FEATURE_SPACES = ("inception", "pixel", "classifier")  # FID/IS space, and the d
 SOLVERS = ("dopri5", "heun", "euler")  # probability-flow ODE solvers (dopri5 is the reference's)
 NORM_ORDERS = ("norm_first", "cfg_first", "both")  # where guidance applies the latent LayerNorm
 SHARD_STORES = ("png", "npy", "source")  # lossless crop, its raw pixels, the untouched source bytes
+PROTOCOLS = ("separate", "reference")  # evaluation protocols (unite.evaluation.EvaluationProtocol)
 
 
 def has_type(value: object, expected: type | None | tuple) -> bool:

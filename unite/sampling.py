@@ -24,8 +24,11 @@ METHODS = {"dopri5": "dopri5", "euler": "euler", "heun": "heun2"}
 class Guidance:
     """Classifier-free guidance: scale w inside the time interval (low, high), 1 outside.
 
-    norm_order says where the latent LayerNorm goes: `norm_first` normalises each prediction
-    before combining, `cfg_first` after, `both` before and after."""
+    norm_order says where the latent LayerNorm goes, as the reference computes it (not as its
+    docstring intends). With guidance (scale > 1): `norm_first` and `both` normalise each
+    prediction before combining and `cfg_first` applies no LayerNorm at all; no order normalises
+    after combining. Without guidance: `norm_first` applies none, `cfg_first` and `both` normalise
+    the prediction."""
 
     scale: float = 1.0
     interval: tuple[float, float] = (0.1, 1.0)
@@ -56,10 +59,9 @@ def guided_prediction(model: UNITE, x_t: Tensor, t: Tensor, labels: Tensor, guid
     if low != 0:
         inside = inside & (t > low)
     scale = torch.where(inside, guidance.scale, 1.0).to(cond.dtype).view(-1, 1, 1)
-    x_hat = uncond + scale * (cond - uncond)
-    if guidance.norm_order in ("cfg_first", "both"):
-        x_hat = model.latent_norm(x_hat)
-    return x_hat
+    # Quirk: the reference's forward_with_cfg leaves the LayerNorm after combining to its caller,
+    # which never applies it; so cfg_first is unnormalised and both equals norm_first.
+    return uncond + scale * (cond - uncond)
 
 
 def time_grid(num_points: int, shift: float, device: torch.device | None = None) -> Tensor:

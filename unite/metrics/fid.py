@@ -20,11 +20,17 @@ from tqdm import tqdm
 from unite.data.readers import npz_array, open_images
 from unite.metrics.features import INCEPTION_NAME, FeatureSpace, distance_key
 from unite.metrics.inputs import MetricsInputError, resolve_input_file
+from unite.options import check_choice
 
 REFERENCE_STATS_ENV = "IN256_FID_STATS"
 REFERENCE_STATS_FILE = "jit_in256_stats.npz"
 # torch-fidelity shuffles samples with its default rng_seed before cutting the IS splits.
 IS_SHUFFLE_SEED = 2020
+# How the Inception Score's splits are cut: "shuffled" as torch-fidelity (a seeded shuffle, then
+# splits of count * k // splits images covering all); "image_order" as the reference's
+# compute_inception_score (split k = images [k n, (k + 1) n) with n = count // splits, no shuffle,
+# the images from splits * n on left out).
+IS_SPLIT_ORDERS = ("shuffled", "image_order")
 
 
 def to_uint8(images: Tensor, channels_last: bool = False) -> Tensor:
@@ -130,11 +136,13 @@ def extract(
     *,
     total: int | None = None,
     is_splits: int = 0,
+    is_split_order: str = "shuffled",
     progress: bool = True,
     desc: str = "features",
 ) -> tuple[GaussianStats, tuple[float, float] | None]:
     """Run uint8 (N, 3, H, W) batches through a feature space: Gaussian statistics of the features,
-    and (IS mean, std) over `is_splits` splits where the space has logits and `is_splits` > 0.
+    and (IS mean, std) over `is_splits` splits cut as `is_split_order` (one of IS_SPLIT_ORDERS)
+    where the space has logits and `is_splits` > 0.
 
     With the image count `total` known, the IS sums of each split grow as the batches come, so
     memory stays flat in the count; otherwise the logits are kept until the end."""
@@ -152,11 +160,11 @@ def extract(
                 if total is None:
                     kept.append(logits)
                 else:
-                    score = score or InceptionScore(total, is_splits)
+                    score = score or InceptionScore(total, is_splits, split_order=is_split_order)
                     score.update(logits)
             bar.update(len(batch))
     if kept:
-        score = InceptionScore(sum(len(logits) for logits in kept), is_splits)
+        score = InceptionScore(sum(len(logits) for logits in kept), is_splits, split_order=is_split_order)
         score.update(torch.cat(kept))
     return moments.stats(space.name), (score.result() if score is not None else None)
 
@@ -200,19 +208,29 @@ def stats_distance(stats: GaussianStats, reference: GaussianStats) -> float:
 
 class InceptionScore:
     """exp E_x KL(p(y|x) || p(y)) per split, as (mean, std) over `splits`, from logits given in
-    image order, in float64. The images are shuffled with torch-fidelity's seed before the splits
-    are cut, as torch-fidelity does; since E_x KL = E_x sum_y p log p - sum_y p(y) log p(y), each
-    split needs only its sum of p(y|x) and of sum_y p log p, whatever the image count."""
+    image order, in float64. `split_order` says how the splits are cut (see IS_SPLIT_ORDERS):
+    "shuffled" shuffles the images with `shuffle_seed` first, as torch-fidelity does;
+    "image_order" cuts them in order as the reference does. Since E_x KL = E_x sum_y p log p -
+    sum_y p(y) log p(y), each split needs only its sum of p(y|x) and of sum_y p log p, whatever
+    the image count."""
 
-    def __init__(self, count: int, splits: int = 10, shuffle_seed: int = IS_SHUFFLE_SEED):
+    def __init__(self, count: int, splits: int = 10, shuffle_seed: int = IS_SHUFFLE_SEED,
+                 split_order: str = "shuffled"):
+        check_choice("is_split_order", split_order, IS_SPLIT_ORDERS, MetricsInputError)
         if splits < 1 or count < splits:
             raise MetricsInputError(
                 f"inception score: {count} images for splits={splits}; it needs at least one per split")
-        shuffled_position = np.empty(count, dtype=np.int64)
-        shuffled_position[np.random.RandomState(shuffle_seed).permutation(count)] = np.arange(count)
-        bounds = [split * count // splits for split in range(splits + 1)]
-        self.split_of = torch.from_numpy(np.searchsorted(bounds, shuffled_position, side="right") - 1)
-        self.split_sizes = torch.tensor(np.diff(bounds), dtype=torch.float64)
+        if split_order == "shuffled":
+            shuffled_position = np.empty(count, dtype=np.int64)
+            shuffled_position[np.random.RandomState(shuffle_seed).permutation(count)] = np.arange(count)
+            bounds = [split * count // splits for split in range(splits + 1)]
+            self.split_of = torch.from_numpy(np.searchsorted(bounds, shuffled_position, side="right") - 1)
+            self.split_sizes = torch.tensor(np.diff(bounds), dtype=torch.float64)
+        else:
+            size = count // splits
+            index = torch.arange(count)
+            self.split_of = torch.where(index < splits * size, index // size, -1)  # -1: left out
+            self.split_sizes = torch.full((splits,), float(size), dtype=torch.float64)
         self.count, self.splits, self.seen = count, splits, 0
         self.prob_sums: Tensor | None = None  # (splits, classes)
         self.neg_entropy_sums = torch.zeros(splits, dtype=torch.float64)
@@ -224,10 +242,11 @@ class InceptionScore:
         logits = logits.to(torch.float64)
         probs, log_probs = logits.softmax(dim=1), logits.log_softmax(dim=1)
         split = self.split_of[self.seen : self.seen + len(logits)]
+        kept = split >= 0
         if self.prob_sums is None:
             self.prob_sums = torch.zeros(self.splits, logits.shape[1], dtype=torch.float64)
-        self.prob_sums.index_add_(0, split, probs)
-        self.neg_entropy_sums.index_add_(0, split, (probs * log_probs).sum(dim=1))
+        self.prob_sums.index_add_(0, split[kept], probs[kept])
+        self.neg_entropy_sums.index_add_(0, split[kept], (probs[kept] * log_probs[kept]).sum(dim=1))
         self.seen += len(logits)
 
     def result(self) -> tuple[float, float]:
@@ -240,9 +259,10 @@ class InceptionScore:
         return float(np.mean(scores)), float(np.std(scores))
 
 
-def inception_score(logits: Tensor, splits: int = 10, shuffle_seed: int = IS_SHUFFLE_SEED) -> tuple[float, float]:
+def inception_score(logits: Tensor, splits: int = 10, shuffle_seed: int = IS_SHUFFLE_SEED,
+                    split_order: str = "shuffled") -> tuple[float, float]:
     """The Inception Score (mean, std over `splits`) of all the (N, classes) logits at once."""
-    score = InceptionScore(len(logits), splits, shuffle_seed)
+    score = InceptionScore(len(logits), splits, shuffle_seed, split_order)
     score.update(logits)
     return score.result()
 
@@ -254,11 +274,14 @@ def evaluate_images(
     *,
     total: int | None = None,
     is_splits: int = 10,
+    is_split_order: str = "shuffled",
     progress: bool = True,
 ) -> dict[str, float | int | str]:
-    """FID (or FD) of generated uint8 batches against reference statistics, and IS where the space
-    has logits: {feature_space, fid|fd, is_mean, is_std, num_images, num_ref_images}."""
-    stats, inception = extract(space, batches, total=total, is_splits=is_splits, progress=progress, desc="generated")
+    """FID (or FD) of generated uint8 batches against reference statistics, and IS (splits cut as
+    `is_split_order`) where the space has logits: {feature_space, fid|fd, is_mean, is_std,
+    num_images, num_ref_images}."""
+    stats, inception = extract(space, batches, total=total, is_splits=is_splits, is_split_order=is_split_order,
+                               progress=progress, desc="generated")
     result: dict[str, float | int | str] = {
         "feature_space": space.name,
         distance_key(space.name): stats_distance(stats, reference),
