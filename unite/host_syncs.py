@@ -7,7 +7,8 @@ counts them on any tensors, fake ones included: under `FakeTensorMode` a program
 value would fail (`DataDependentOutputException`); the counter answers such reads itself with a
 fixed value (`answer`), so the program runs on and every read is counted.
 
-Reads of a tensor that already lives on the host (`host` device) are not syncs and are not counted.
+Reads of a tensor that already lives on the host (`host` device) are not syncs and are not counted;
+under fake tensors they are answered with `answer` too.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections import Counter
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import DataDependentOutputException
 from torch.utils._python_dispatch import TorchDispatchMode
 
 aten = torch.ops.aten
@@ -24,6 +26,8 @@ aten = torch.ops.aten
 _VALUE_SIZED = {aten.nonzero.default, aten.masked_select.default, aten._unique2.default,
                 aten.unique_consecutive.default, aten.unique_dim.default}
 _COPIES = {aten._to_copy.default, aten.copy_.default}
+# Boolean results that a check wants False (`if x.any(): raise`, `if low < 0: raise`).
+_FALSE_ANSWERS = {"any", "lt", "le", "gt", "ge", "ne", "isnan", "isinf", "logical_not"}
 
 
 class HostSyncCounter(TorchDispatchMode):
@@ -32,8 +36,10 @@ class HostSyncCounter(TorchDispatchMode):
     `syncs`: how many times the host waits for the device. A `.tolist()` of one tensor reads its
     elements one by one at the dispatcher but waits once, so consecutive scalar reads of one
     storage count once. `values`: how many values were copied to the host. `where`: syncs by op.
-    Scalar reads are answered with `answer` (0 / False unless changed), which is what a program
-    under fake tensors sees."""
+
+    Under fake tensors every scalar read gets an answer that lets checks pass: True for the
+    result of an `all` or `==`, False for an `any` or another comparison (`x < 0`), and
+    `answer` (0 unless changed) for any other value."""
 
     def __init__(self, host: torch.device = torch.device("cpu"), answer: Any = 0):
         super().__init__()
@@ -43,6 +49,7 @@ class HostSyncCounter(TorchDispatchMode):
         self.values = 0
         self.where: Counter[str] = Counter()
         self._last_storage: int | None = None
+        self._producers: dict[int, str] = {}
 
     def _count(self, name: str, values: int, storage: int | None = None) -> None:
         self.values += values
@@ -59,15 +66,29 @@ class HostSyncCounter(TorchDispatchMode):
         if func is aten._local_scalar_dense.default:
             if on_device:
                 self._count("item", 1, _storage_key(first))
-                return self.answer
+                return self._answer(first)
             self._last_storage = None
-            return func(*args, **kwargs)
+            try:
+                return func(*args, **kwargs)
+            except DataDependentOutputException:  # a host value check on fake tensors
+                return self._answer(first)
         self._last_storage = None
         if on_device and func in _VALUE_SIZED:
             self._count(func.__name__, first.numel())
         elif func in _COPIES:
             self._count_copy(func, args, kwargs)
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if isinstance(out, torch.Tensor) and out.dtype == torch.bool:
+            self._producers[_storage_key(out)] = func.overloadpacket.__name__
+        return out
+
+    def _answer(self, tensor: torch.Tensor) -> Any:
+        producer = self._producers.get(_storage_key(tensor))
+        if producer in ("all", "eq"):
+            return True
+        if producer in _FALSE_ANSWERS:
+            return False
+        return self.answer
 
     def _count_copy(self, func, args, kwargs) -> None:
         """A blocking copy from the device to the host waits; a non_blocking one does not (the

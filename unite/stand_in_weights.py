@@ -20,12 +20,7 @@ def write_random_inception_weights(path: str | Path, images: torch.Tensor, seed:
     features deviate from their mean over `images`: a random network whose softmax varies across those
     images, so that their Inception Score is informative.
     """
-    import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
-
-    # torch-fidelity's constructor always loads weights (downloading them when no file is given).
-    with mock.patch.object(tf_inception, "load_state_dict_from_url", lambda *args, **kwargs: {}), \
-            mock.patch.object(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None):
-        network = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    network = random_inception_network(["2048"])
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in network.modules():
@@ -51,6 +46,16 @@ def write_random_inception_weights(path: str | Path, images: torch.Tensor, seed:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     torch.save(network.state_dict(), path)
     return Path(path)
+
+
+def random_inception_network(features: list[str]) -> torch.nn.Module:
+    """torch-fidelity's `inception-v3-compat` network with the given outputs, as initialised,
+    without any weights file (its constructor would otherwise load or download one)."""
+    import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
+
+    with mock.patch.object(tf_inception, "load_state_dict_from_url", lambda *args, **kwargs: {}), \
+            mock.patch.object(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None):
+        return tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", features)
 
 
 def write_random_vgg16_trunk(path: str | Path, seed: int = 0) -> Path:

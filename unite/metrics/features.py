@@ -81,6 +81,15 @@ class InceptionFeatures:
         self.device = torch.device(device)
         self.network = network.to(self.device)
 
+    @classmethod
+    def from_network(cls, network: torch.nn.Module, device: str | torch.device) -> "InceptionFeatures":
+        """Features from an already built network on `device` (the dry run's stand-in); its
+        weights are not the official ones."""
+        features = cls.__new__(cls)
+        features.weights, features.weights_check = None, "NOT the official weights (built without a weights file)"
+        features.device, features.network = torch.device(device), network
+        return features
+
     @torch.inference_mode()
     def __call__(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
         pool, logits = self.network(images.to(self.device))
