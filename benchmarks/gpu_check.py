@@ -12,6 +12,10 @@
 3. Sampling with UNITE-B (random weights, perturbed so that predictions vary; CFG 3.4, fp32 as the
    evaluation runs): images/s and NFE of dopri5 and of heun with 25 steps.
 
+4. The dry run's prediction for the same batch (`unite.dry_run` on fake tensors, what
+   `python -m stages.rehearse NAME --true-size` reports): measured / predicted peak training
+   memory and FLOPs per image, and the measured MFU beside the 40% the dry run assumes.
+
 Random weights make the NFE of dopri5 only indicative: a trained model's drift is smoother.
 On a machine without CUDA it refuses and says what to run instead.
 """
@@ -66,6 +70,24 @@ def training_flops_per_image() -> float:
     return counter.get_total_flops() / 2
 
 
+def predicted(batch: int, sample_images: int) -> dict:
+    """The dry run's prediction (`unite.dry_run`, fake tensors) for the same training batch and
+    sampling block as measured here: peak memory and FLOPs per image."""
+    from unite.dry_run import Generation, measure_generation, measure_training
+    from unite.sampling import Guidance
+    from unite.train_config import TrainConfig, recipe_for
+
+    model = {"encoder": "B", "decoder": "B", "flow_steps_per_recon": 3, "perceptual_weight": 1.0,
+             "lpips_random_backbone": True}
+    cfg = TrainConfig.from_dict({"model": model, "data": {"kind": "synthetic", "num_images": batch},
+                                 "out_dir": "unused", "max_steps": 1, "global_batch": batch,
+                                 "per_device_batch": batch, "progress": False})
+    train = measure_training(cfg, recipe_for(cfg, 1))
+    generation = measure_generation(cfg, Generation(sample_images, Guidance(scale=3.4), lpips=False, inception=False))
+    return {"train_peak_gib": round(train["peak_gib"], 2), "train_tflops_per_image": round(train["flops_per_image"] / 1e12, 4),
+            "generation_peak_gib": round(generation["peak_gib"], 2)}
+
+
 def sampling(num_images: int) -> dict:
     from unite.config import model_config
     from unite.model import UNITE
@@ -83,11 +105,13 @@ def sampling(num_images: int) -> dict:
     for name, solver, steps in (("dopri5", "dopri5", 49), ("heun25", "heun", 25)):
         sample(model, noise[:8], labels[:8], guidance, solver=solver, steps=steps)  # warm-up
         torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         out = sample(model, noise, labels, guidance, solver=solver, steps=steps)
         torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        results[name] = {"images_per_s": round(num_images / seconds, 1), "nfe": out.nfe, "seconds": round(seconds, 2)}
+        results[name] = {"images_per_s": round(num_images / seconds, 1), "nfe": out.nfe, "seconds": round(seconds, 2),
+                         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
     return results
 
 
@@ -119,6 +143,18 @@ def main(argv: list[str] | None = None) -> int:
         "peak_bf16_tflops": peak,
     }
     report["sampling"] = sampling(args.sample_images)
+    prediction = predicted(args.batch, args.sample_images)
+    measured_peak = step.get("peak_memory_gib")
+    report["dry_run"] = {
+        **prediction,
+        "train_memory_measured_over_predicted": round(measured_peak / prediction["train_peak_gib"], 3)
+        if measured_peak else None,
+        "generation_memory_measured_over_predicted": round(
+            report["sampling"]["heun25"]["peak_memory_gib"] / prediction["generation_peak_gib"], 3),
+        "train_flops_measured_over_predicted": round(flops / 1e12 / prediction["train_tflops_per_image"], 3),
+        "mfu_measured": report["train_step"]["mfu"],
+        "mfu_assumed_by_dry_run": 0.4,
+    }
     print(json.dumps(report))
     return 0
 

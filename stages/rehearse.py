@@ -204,13 +204,15 @@ def true_size(preset: str, nproc: int | None, nnodes: int, gpu_memory_gib: float
     from stages.params import train_config
     from stages.preset import preset_params
     from unite.dry_run import Generation, dry_run
+    from unite.evaluation import EvaluationProtocol
 
     params = preset_params(preset, ROOT / "params.yaml", PRESETS)
     sweep, evaluate = params["sweep"], params["evaluate"]
     cfg = train_config(params["train"], out_dir="checkpoints", data={"kind": "synthetic", "num_images": 1})
     nproc = params["train"]["nproc_per_node"] if nproc is None else nproc
+    protocol = EvaluationProtocol.named(evaluate["protocol"])
     generation = Generation(
-        block_size=max(sweep["block_size"], evaluate["block_size"]),
+        block_size=max(protocol.search_images(params)["block_size"], protocol.generation(evaluate)["block_size"]),
         guidance=Guidance(scale=sweep["start_scale"], interval=tuple(sweep["interval"]), norm_order=sweep["norm_order"]),
         lpips=evaluate["lpips"],
         inception=params["fid_ref"]["feature_space"] == "inception",
