@@ -37,7 +37,7 @@ def test_unite_b_schedule_gives_the_reference_learning_rates() -> None:
         125_100: 0.5 * peak,  # cosine end
         300_239: 0.5 * peak,  # last step of 240 epochs
     }
-    schedule = build_schedule({"preset": "unite_b", "images_per_epoch": 1_281_167}, per_device_batch=64, world_size=8)
+    schedule = build_schedule({"preset": "unite_b", "images_per_epoch": 1_281_167}, global_batch=1024, world_size=8)
     for step, lr in expected.items():
         assert scaled_lr(1e-4, 1024) * schedule(step) == pytest.approx(lr, rel=1e-12, abs=1e-18), step
     # One step before the warmup ends, the factor is still below one: the warmup is 50,040 steps, not 50,060.
@@ -46,7 +46,7 @@ def test_unite_b_schedule_gives_the_reference_learning_rates() -> None:
 
 def test_unite_b_schedule_refuses_an_epoch_shorter_than_one_micro_batch() -> None:
     with pytest.raises(ConfigError, match=r"schedule.images_per_epoch=100: fewer than one micro-batch of 64"):
-        build_schedule({"preset": "unite_b", "images_per_epoch": 100}, per_device_batch=64, world_size=2)
+        build_schedule({"preset": "unite_b", "images_per_epoch": 100}, global_batch=256, world_size=2)
 
 
 @pytest.fixture
