@@ -76,7 +76,7 @@ from unite.distributed import Runtime, close_runtime, init_runtime
 from unite.model import UNITE
 from unite.optim import LRSchedule
 from unite.safe_load import UntrustedPickleError
-from unite.train_config import RESUME_MAY_CHANGE, RETIRED_KEYS, TrainConfig, load_config, recipe_for
+from unite.train_config import RESUME_MAY_CHANGE, RETIRED_KEYS, Recipe, TrainConfig, load_config, recipe_for
 from unite.train_log import LogWindow, MetricsLog
 from unite.train_step import Engine
 
@@ -93,14 +93,17 @@ def train(cfg: TrainConfig, data: BatchSource | Iterable[tuple[Tensor, Tensor]] 
 
     `data` defaults to the config's `data:` section. Raises Preempted after SIGTERM/SIGINT/SIGHUP
     (checkpoint written), NonFiniteLossError after `max_nonfinite` skipped steps in a row,
-    CheckpointError when no checkpoint to resume from can be read, and TimeoutError when another
-    run keeps the checkpoint folder locked."""
+    CheckpointError when no checkpoint to resume from can be read, TimeoutError when another
+    run keeps the checkpoint folder locked, and ConfigError when the world size cannot split the
+    global batch (`recipe_for`)."""
     owns_group = not dist.is_initialized()
     runtime = init_runtime(cfg.device)
     try:
+        # A world size that cannot split the batch is refused before anything is written.
+        recipe = recipe_for(cfg, runtime.world_size)
         # Rank 0 writes and prunes checkpoints: one run at a time may do so in a folder.
         with exclusive_folder(Path(cfg.out_dir) / "checkpoints") if runtime.is_main else nullcontext():
-            return _train(cfg, runtime, data)
+            return _train(cfg, runtime, recipe, data)
     finally:
         if owns_group:
             close_runtime()
@@ -113,9 +116,8 @@ def allow_tf32(enabled: bool, device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = enabled
 
 
-def _train(cfg: TrainConfig, runtime: Runtime, data: BatchSource | Iterable | None) -> TrainResult:
+def _train(cfg: TrainConfig, runtime: Runtime, recipe: Recipe, data: BatchSource | Iterable | None) -> TrainResult:
     rank, world = runtime.rank, runtime.world_size
-    recipe = recipe_for(cfg, world)  # refuses a world size that cannot split the batch before anything starts
     allow_tf32(cfg.tf32, runtime.device)
     out_dir = Path(cfg.out_dir)
     checkpoint_dir = out_dir / "checkpoints"
