@@ -190,7 +190,9 @@ def recipe_for(cfg: TrainConfig, world_size: int) -> Recipe:
     """The recipe of `cfg` on `world_size` ranks: each rank takes global_batch / world_size
     images a step, in micro-batches of the largest divisor of that share that is at most
     cfg.per_device_batch. A cap that divides the share is the micro-batch itself, so a setting
-    that split evenly before keeps its micro-batch and accumulation. Raises ConfigError when the world size cannot split the global batch (`check_world_size`)."""
+    where per_device_batch x world_size divides global_batch keeps that micro-batch and
+    accumulation. Raises ConfigError when the world size cannot split the global batch
+    (`check_world_size`)."""
     check_world_size(cfg, world_size)
     share = cfg.global_batch // world_size
     micro = max(size for size in range(1, min(share, cfg.per_device_batch) + 1) if share % size == 0)
