@@ -20,8 +20,9 @@ continues bit for bit.
 
 Resume on another number of processes: the run keeps its optimizer step, global batch (the
 micro-batch and accumulation are derived anew), learning-rate schedule in steps, and data
-position as the images consumed in the epoch; each rank's random state is derived from (seed, rank, step). Such a run
-continues the same training, but not bit for bit: that holds for the same world size only.
+position as the images consumed in the epoch; each rank's random state is derived from
+(seed, rank, step). Such a run continues the same training, but not bit for bit: that holds
+for the same world size only.
 A checkpoint that cannot be read is set aside (`*.pt.unreadable`) and the one before it used.
 
 This module holds the loop, resume, signals and the command line; the config keys are in
@@ -133,8 +134,8 @@ def _train(cfg: TrainConfig, runtime: Runtime, recipe: Recipe, data: BatchSource
     saved_world, saved_batch = world, recipe.per_device_batch
     if state is not None:
         saved = state["config"]
-        # The run's schedule in steps: the unite_b preset's can differ by a few steps with the
-        # world size (the sampler's padding), and a run keeps the one it started with.
+        # The run's schedule in steps: the unite_b preset's may differ with the world size where
+        # the sampler's padding adds a micro-batch to an epoch, and a run keeps the one it began with.
         recipe = dataclasses.replace(recipe, schedule=LRSchedule(**saved["lr_schedule_steps"]))
         # Checkpoints written before the micro-batch was derived ran micro-batches of per_device_batch.
         saved_world, saved_batch = saved["world_size"], saved.get("micro_batch", cfg.per_device_batch)
