@@ -40,7 +40,7 @@ from unite.config import ModelConfig
 from unite.model import UNITE, count_trainable
 from unite.optim import NS_DTYPES
 from unite.distributed import init_runtime
-from unite.train_config import TrainConfig, build_schedule
+from unite.train_config import TrainConfig, recipe_for
 from unite.train_step import Engine
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.manual_seed(cfg.seed)
         variant = dataclasses.replace(cfg, muon_dtype=choice)
         engines[choice] = Engine(UNITE(cfg.model).to(runtime.device), variant, runtime,
-                                 build_schedule(cfg.schedule, batch, 1))
+                                 recipe_for(cfg, runtime.world_size))
     engine = next(iter(engines.values()))
     images, labels = synthetic_images(cfg.model, 2 * batch, 0)
     # Engine.step returns host values, so the device is synced when it returns.

@@ -92,7 +92,7 @@ def train_config(section: dict[str, Any], out_dir: str, data: dict[str, Any]) ->
 
 
 def _check_train(train: Any, shard_image_size: int | None) -> None:
-    from unite.train_config import accumulation_steps
+    from unite.train_config import check_world_size
 
     if not isinstance(train, dict):
         raise ConfigError(f"train: expected a mapping, got {train!r}")
@@ -103,9 +103,10 @@ def _check_train(train: Any, shard_image_size: int | None) -> None:
             raise ConfigError(f"train.{key}={train[key]!r}: must be {_type_name(expected)}")
     try:
         cfg = train_config(train, out_dir="checkpoints", data={"kind": "synthetic", "num_images": 1, "seed": 0})
-        accumulation_steps(cfg.global_batch, cfg.per_device_batch, train["nproc_per_node"])
     except ConfigError as error:
         raise ConfigError(f"train.{error}") from None
+    # The stage runs on one node: its world size is nproc_per_node (the trainer checks again on many).
+    check_world_size(cfg, train["nproc_per_node"], key="nproc_per_node", prefix="train.")
     if shard_image_size is not None and cfg.model.image_size != shard_image_size:
         raise ConfigError(
             f"train.model.image_size={cfg.model.image_size}: must equal shard.image_size="

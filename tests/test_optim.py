@@ -32,7 +32,7 @@ from unite.optim import (
     split_parameters,
 )
 from unite.train import train
-from unite.train_config import build_schedule
+from unite.train_config import recipe_for
 from unite.train_step import Engine
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -154,7 +154,7 @@ def test_auto_dtype_is_bfloat16_on_cuda_and_forcing_wins(cpu_flags) -> None:
 def test_trainer_passes_the_dtype_to_muon(tmp_path: Path, cpu_flags, muon_dtype: str, flags, expected) -> None:
     cpu_flags(*flags)
     cfg = train_config(tmp_path, muon_dtype=muon_dtype, device="cpu")
-    engine = Engine(UNITE(cfg.model), cfg, init_runtime("cpu"), build_schedule(cfg.schedule, 4, 1))
+    engine = Engine(UNITE(cfg.model), cfg, init_runtime("cpu"), recipe_for(cfg, 1))
     assert engine.muon.ns_dtype == expected
     assert engine.muon.share_across_ranks  # the trainer shares the iteration out under DDP
 

@@ -30,7 +30,7 @@ from unite.data.shards import write_shards
 from unite.model import UNITE
 from unite.optim import EMA, LRSchedule, split_parameters
 from unite.train import NonFiniteLossError, StopSignal, main, train
-from unite.train_config import TrainConfig, accumulation_steps, load_config
+from unite.train_config import TrainConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -123,7 +123,9 @@ def test_config_loads_yaml_and_json_alike(tmp_path: Path) -> None:
         ({"learning_rate": 1.0}, "unknown config keys ['learning_rate']"),
         ({"ema_decay": 1.0}, "ema_decay=1.0: must lie in [0, 1)"),
         ({"keep_last": 0}, "keep_last=0: must be a positive integer"),
-        ({"global_batch": 10}, "global_batch=10: must be a multiple of per_device_batch=4"),
+        ({"global_batch": 9, "schedule": {"preset": "unite_b", "images_per_epoch": 20}},
+         "global_batch=9: the unite_b schedule counts epochs in micro-batches of global_batch / (2 x world_size=1) "
+         "images, as the reference splits it, so it must be a multiple of 2"),
         ({"device": "tpu"}, "device='tpu': must be one of ['auto', 'cpu', 'cuda']"),
         ({"data": {"kind": "folder"}}, "data.kind='folder'"),
         ({"data": {"kind": "python", "source": "nomodule"}}, "data.source='nomodule'"),
@@ -171,13 +173,6 @@ def test_cli_reports_config_errors(tmp_path: Path, capsys: pytest.CaptureFixture
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(train_values(tmp_path, max_steps=0)))
     assert main([str(tmp_path / "c.yaml")]) == 2
     assert "max_steps=0: must be a positive integer" in capsys.readouterr().err
-
-
-def test_batch_geometry() -> None:
-    assert accumulation_steps(1024, 64, 8) == 2
-    assert accumulation_steps(8, 2, 2) == 2
-    with pytest.raises(ConfigError, match=r"per_device_batch=64 x world_size=3 = 192"):
-        accumulation_steps(1024, 64, 3)
 
 
 # ------------------------------------------------------------------------------ schedule, optimizers, EMA

@@ -7,6 +7,7 @@ One torchrun launch and one spawn of two workers serve all tests (process start-
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -33,19 +34,29 @@ from unite.distributed import Runtime
 from unite.model import UNITE
 from unite.batches import DataPosition, TensorBatches, micro_batches, synthetic_images
 from unite.train import main, train
-from unite.train_config import build_schedule
+from unite.train_config import recipe_for
 from unite.train_step import Engine
 
 # 2 processes x 2 images x 2 micro-batches = the global batch of 8 of the single-process tests.
 TWO_RANKS = {"per_device_batch": 2}
 
-# Resume on another world size: micro-batches of 4, a global batch of 8 (one micro-batch per
-# step on 2 ranks, two on 1), epochs of 24 images, and the UNITE-B preset, whose schedule in
-# steps depends on the world size: warmup over 20 epochs of ceil(24 / (4 x world)) micro-batches.
-RESIZED = {"per_device_batch": 4, "data": {"kind": "synthetic", "num_images": 24},
-           "schedule": {"preset": "unite_b", "images_per_epoch": 24}}
-SCHEDULE_STEPS = {1: {"warmup_steps": 120, "hold_until_step": 180, "decay_until_step": 300, "final_lr_factor": 0.5},
-                  2: {"warmup_steps": 60, "hold_until_step": 90, "decay_until_step": 150, "final_lr_factor": 0.5}}
+# Resume on another world size: a global batch of 8 in micro-batches of at most 8, so one
+# micro-batch of 8 / world images per step (8 on 1 rank, 4 on 2: the micro-batch changes with
+# the world size), 27 images (epochs of the 24 that fill whole micro-batches), and the UNITE-B
+# preset, whose schedule in steps differs with the world size through the sampler's padding:
+# warmup over 20 epochs of floor(ceil(27 / world) / (8 / (2 x world))) micro-batches (6 on 1, 7 on 2).
+RESIZED = {"per_device_batch": 8, "data": {"kind": "synthetic", "num_images": 27},
+           "schedule": {"preset": "unite_b", "images_per_epoch": 27}}
+
+
+def micro_batch(world: int) -> int:
+    return 8 // world
+
+
+def schedule_steps(world: int) -> dict[str, float]:
+    epoch = math.ceil(27 / world) // (8 // (2 * world))
+    return {"warmup_steps": 20 * epoch, "hold_until_step": 30 * epoch, "decay_until_step": 50 * epoch,
+            "final_lr_factor": 0.5}
 
 
 def _free_port() -> int:
@@ -84,8 +95,7 @@ def _worker(rank: int, ports: list[int], root: str) -> None:
     try:
         cfg = train_config(root_path, per_device_batch=2, global_batch=12)
         torch.manual_seed(cfg.seed)
-        engine = Engine(UNITE(cfg.model), cfg, Runtime(rank, 2, torch.device("cpu")),
-                        build_schedule(cfg.schedule, 2, 2))
+        engine = Engine(UNITE(cfg.model), cfg, Runtime(rank, 2, torch.device("cpu")), recipe_for(cfg, 2))
         calls = []
 
         def counting_allreduce(state, bucket):  # no annotations: DDP checks them at runtime
@@ -155,12 +165,14 @@ def assert_resized_run(out_dir: Path, first_world: int, straight_dirs: list[Path
     assert last["step"] == 8 and last["config"]["world_size"] == world
     # 64 images are 2 epochs of 24 and 16 images into the third, on any number of processes.
     position = last["data_position"]
-    assert position["epoch"] == 2 and position["batch"] * 4 * world == 16
+    assert last["config"]["micro_batch"] == micro_batch(world)
+    assert position["epoch"] == 2 and position["batch"] * micro_batch(world) * world == 16
     # The schedule in steps is the first part's; the lr column follows it through the resume.
-    assert last["config"]["lr_schedule_steps"] == SCHEDULE_STEPS[first_world]
+    assert schedule_steps(1) != schedule_steps(2)
+    assert last["config"]["lr_schedule_steps"] == schedule_steps(first_world)
     rows = metric_rows(out_dir)
     assert [int(row["step"]) for row in rows] == list(range(1, 9))
-    warmup = SCHEDULE_STEPS[first_world]["warmup_steps"]
+    warmup = schedule_steps(first_world)["warmup_steps"]
     for row in rows:
         assert float(row["lr"]) == pytest.approx(1e-3 * 8 / 384 * (int(row["step"]) - 1) / warmup, rel=1e-5)
     # The loss carries on down the curve: after the resume it is nearer the uninterrupted runs'
@@ -181,7 +193,7 @@ def test_resume_on_one_process_continues_a_two_process_run(
     config.write_text(yaml.safe_dump(train_values(tmp_path / "a", max_steps=8, **RESIZED)))
     assert main([str(config)]) == 0
     err = capsys.readouterr().err
-    assert "resuming from" in err and "at step 4; 1 process(es), 2 micro-batch(es) of 4 per step" in err
+    assert "resuming from" in err and "at step 4; 1 process(es), 1 micro-batch(es) of 8 per step" in err
     assert ("the checkpoint was written by 2 process(es), this run has 1: global batch 8, learning-rate schedule "
             "and data position (epoch 1, 8 images in) carry over") in err
     assert "not bit for bit (that holds for the same number of processes only)" in err

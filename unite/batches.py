@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from unite.config import ModelConfig
-from unite.train_config import TrainConfig
+from unite.train_config import TrainConfig, recipe_for
 
 
 @runtime_checkable
@@ -75,17 +75,18 @@ def synthetic_images(cfg: ModelConfig, num_images: int, seed: int) -> tuple[Tens
 
 
 def build_batch_source(cfg: TrainConfig, rank: int, world_size: int) -> BatchSource:
-    """The config's `data:` section as a BatchSource. kind "python" calls
-    `source(batch_size=per_device_batch, rank=, world_size=, seed=, **options)`, which returns a
-    BatchSource or a re-iterable of batches with `set_epoch` (e.g. unite.data.loaders:shard_loader
-    with options {shard_dir: ...})."""
+    """The config's `data:` section as a BatchSource in micro-batches of the recipe's per-device
+    batch on `world_size` ranks. kind "python" calls `source(batch_size=<that batch>, rank=,
+    world_size=, seed=, **options)`, which returns a BatchSource or a re-iterable of batches with
+    `set_epoch` (e.g. unite.data.loaders:shard_loader with options {shard_dir: ...})."""
     data = cfg.data
+    batch_size = recipe_for(cfg, world_size).per_device_batch
     if data["kind"] == "synthetic":
         images, labels = synthetic_images(cfg.model, data["num_images"], data.get("seed", 0))
-        return TensorBatches(images, labels, cfg.per_device_batch, rank, world_size, cfg.seed)
+        return TensorBatches(images, labels, batch_size, rank, world_size, cfg.seed)
     module_name, attribute = data["source"].split(":")
     factory = getattr(importlib.import_module(module_name), attribute)
-    source = factory(batch_size=cfg.per_device_batch, rank=rank, world_size=world_size,
+    source = factory(batch_size=batch_size, rank=rank, world_size=world_size,
                      seed=cfg.seed, **data.get("options", {}))
     return as_batch_source(source)
 
@@ -100,11 +101,15 @@ class DataPosition:
     batch: int = 0  # micro-batches of `epoch` this rank has consumed
 
 
-def carry_position(saved: dict[str, int], saved_world: int, world: int, batch_size: int) -> tuple[DataPosition, int]:
-    """A checkpoint's data position for `world` ranks: the images consumed in the epoch
-    (micro-batches x batch_size x saved_world) in whole micro-batch rounds of the new world size,
-    and how many of those images are read again because they do not fill a round."""
-    images = saved["batch"] * batch_size * saved_world
+def carry_position(
+    saved: dict[str, int], saved_world: int, saved_batch: int, world: int, batch_size: int
+) -> tuple[DataPosition, int]:
+    """A checkpoint's data position for `world` ranks taking micro-batches of `batch_size`: the
+    images consumed in the epoch (micro-batches x saved_batch x saved_world) in whole rounds of
+    the new micro-batches on the new world size, and how many of those images are read again
+    because they do not fill a round. The micro-batch may differ with the world size
+    (`recipe_for`), so the saved run's is given apart."""
+    images = saved["batch"] * saved_batch * saved_world
     batch, reread = divmod(images, batch_size * world)
     return DataPosition(saved["epoch"], batch), reread
 
@@ -126,8 +131,8 @@ def micro_batches(
             if images.shape[0] != batch_size or labels.shape != (batch_size,):
                 raise ValueError(
                     f"batch {position.batch} of epoch {position.epoch}: got images {tuple(images.shape)} "
-                    f"and labels {tuple(labels.shape)}; every micro-batch must hold per_device_batch="
-                    f"{batch_size} images (drop the last partial batch)"
+                    f"and labels {tuple(labels.shape)}; every micro-batch must hold the recipe's "
+                    f"per-device batch of {batch_size} images (drop the last partial batch)"
                 )
             position.batch += 1
             yield images, labels

@@ -326,25 +326,33 @@ class LRSchedule:
         return self.final_lr_factor
 
 
-def unite_b_schedule(images_per_epoch: int, per_device_batch: int, world_size: int) -> LRSchedule:
-    """The reference's effective UNITE-B schedule in optimizer steps.
+def unite_b_schedule(images_per_epoch: int, global_batch: int, world_size: int) -> LRSchedule:
+    """The reference's effective UNITE-B schedule in optimizer steps, the same on any world size.
 
     The reference states its schedule in epochs (warmup 20, flat to 30, cosine to 0.5 at 50;
     a second decay stage at 3000 epochs is never reached and is left out) but converts epochs to
     steps with the length of one rank's DataLoader, i.e. *micro-batches* per epoch, while stepping
-    the schedule once per optimizer step. Its DistributedSampler pads the data set to
-    ceil(images / world_size) samples per rank and the loader drops the last partial batch, so an
-    epoch is floor(ceil(images / world_size) / per_device_batch) micro-batches. With gradient
-    accumulation A the schedule therefore runs A times slower in real epochs: the paper's run
-    (64 per GPU x 8 GPUs x 2 accumulation on ImageNet's 1,281,167 images, 2,502 micro-batches
-    per epoch) warms up over 50,040 optimizer steps (40 real epochs), holds until 75,060 (60) and
-    reaches 0.5 lr at 125,100 (100). This preset applies the same conversion, so it reproduces
-    that schedule exactly for the same geometry.
+    the schedule once per optimizer step. It keeps 2 accumulation micro-batches and gives each of
+    the world_size ranks global_batch / (2 x world_size) images a micro-batch; its
+    DistributedSampler pads the data set to ceil(images / world_size) samples per rank and the
+    loader drops the last partial batch, so an epoch is
+    floor(ceil(images / world_size) / (global_batch / (2 x world_size))) micro-batches, and the
+    schedule runs 2x slower in real epochs. On ImageNet's 1,281,167 images at a global batch of
+    1024 that is 2,502 micro-batches on 1 to 64 GPUs: warmup over 50,040 optimizer steps
+    (40 real epochs), hold until 75,060 (60), 0.5 lr at 125,100 (100). This preset applies the
+    same conversion, whatever per-device batch and accumulation this run derives.
     """
-    micro_batches = math.ceil(images_per_epoch / world_size) // per_device_batch
+    if global_batch % (2 * world_size):
+        raise ValueError(
+            f"global_batch={global_batch}: the unite_b schedule counts epochs in micro-batches of global_batch / "
+            f"(2 x world_size={world_size}) images, as the reference splits it, so it must be a multiple of "
+            f"{2 * world_size}"
+        )
+    reference_batch = global_batch // (2 * world_size)
+    micro_batches = math.ceil(images_per_epoch / world_size) // reference_batch
     if micro_batches == 0:
         raise ValueError(
-            f"schedule.images_per_epoch={images_per_epoch}: fewer than one micro-batch of {per_device_batch} "
+            f"schedule.images_per_epoch={images_per_epoch}: fewer than one micro-batch of {reference_batch} "
             f"per rank on {world_size} rank(s)"
         )
     return LRSchedule(20 * micro_batches, 30 * micro_batches, 50 * micro_batches, 0.5)

@@ -5,8 +5,9 @@
     torchrun --nnodes 2 --node-rank R --nproc-per-node 8 \\
         --rdzv-backend c10d --rdzv-endpoint HOST:29500 -m unite.train config.yaml  # many nodes
 
-Each optimizer step runs `global_batch / (per_device_batch * world_size)` micro-batches per
-rank (gradients are all-reduced on the last one only), clips the total gradient norm, steps
+Each optimizer step runs the recipe's micro-batches on every rank (`recipe_for`: the global
+batch split over the ranks in micro-batches of at most per_device_batch images; gradients are
+all-reduced on the last one only), clips the total gradient norm, steps
 Muon and AdamW and updates the EMA. Outputs in `out_dir`: `checkpoints/step_*.pt`,
 `metrics.tsv` (one row per log interval) and `metrics.json` (the latest row), both rewritten
 atomically at every row, and mirrored to `<live_metrics>.tsv/.json` when that key is set.
@@ -18,9 +19,10 @@ the same batches for the same (epoch, skip), e.g. by seeding its shuffle and aug
 continues bit for bit.
 
 Resume on another number of processes: the run keeps its optimizer step, global batch (the
-accumulation is recomputed), learning-rate schedule in steps, and data position as the images
-consumed in the epoch; each rank's random state is derived from (seed, rank, step). Such a run
-continues the same training, but not bit for bit: that holds for the same world size only.
+micro-batch and accumulation are derived anew), learning-rate schedule in steps, and data
+position as the images consumed in the epoch; each rank's random state is derived from
+(seed, rank, step). Such a run continues the same training, but not bit for bit: that holds
+for the same world size only.
 A checkpoint that cannot be read is set aside (`*.pt.unreadable`) and the one before it used.
 
 This module holds the loop, resume, signals and the command line; the config keys are in
@@ -75,7 +77,7 @@ from unite.distributed import Runtime, close_runtime, init_runtime
 from unite.model import UNITE
 from unite.optim import LRSchedule
 from unite.safe_load import UntrustedPickleError
-from unite.train_config import RESUME_MAY_CHANGE, RETIRED_KEYS, TrainConfig, build_schedule, load_config
+from unite.train_config import RESUME_MAY_CHANGE, RETIRED_KEYS, Recipe, TrainConfig, load_config, recipe_for
 from unite.train_log import LogWindow, MetricsLog
 from unite.train_step import Engine
 
@@ -92,14 +94,17 @@ def train(cfg: TrainConfig, data: BatchSource | Iterable[tuple[Tensor, Tensor]] 
 
     `data` defaults to the config's `data:` section. Raises Preempted after SIGTERM/SIGINT/SIGHUP
     (checkpoint written), NonFiniteLossError after `max_nonfinite` skipped steps in a row,
-    CheckpointError when no checkpoint to resume from can be read, and TimeoutError when another
-    run keeps the checkpoint folder locked."""
+    CheckpointError when no checkpoint to resume from can be read, TimeoutError when another
+    run keeps the checkpoint folder locked, and ConfigError when the world size cannot split the
+    global batch (`recipe_for`)."""
     owns_group = not dist.is_initialized()
     runtime = init_runtime(cfg.device)
     try:
+        # A world size that cannot split the batch is refused before anything is written.
+        recipe = recipe_for(cfg, runtime.world_size)
         # Rank 0 writes and prunes checkpoints: one run at a time may do so in a folder.
         with exclusive_folder(Path(cfg.out_dir) / "checkpoints") if runtime.is_main else nullcontext():
-            return _train(cfg, runtime, data)
+            return _train(cfg, runtime, recipe, data)
     finally:
         if owns_group:
             close_runtime()
@@ -112,7 +117,7 @@ def allow_tf32(enabled: bool, device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = enabled
 
 
-def _train(cfg: TrainConfig, runtime: Runtime, data: BatchSource | Iterable | None) -> TrainResult:
+def _train(cfg: TrainConfig, runtime: Runtime, recipe: Recipe, data: BatchSource | Iterable | None) -> TrainResult:
     rank, world = runtime.rank, runtime.world_size
     allow_tf32(cfg.tf32, runtime.device)
     out_dir = Path(cfg.out_dir)
@@ -126,17 +131,22 @@ def _train(cfg: TrainConfig, runtime: Runtime, data: BatchSource | Iterable | No
     resume_from = resume_from[0]
     state = found[1] if found else load_checkpoint(resume_from) if resume_from else None
 
-    schedule = build_schedule(cfg.schedule, cfg.per_device_batch, world)
-    saved_world = world
-    if state is not None:  # the run's schedule in steps, even where the preset depends on world size
-        schedule, saved_world = LRSchedule(**state["config"]["lr_schedule_steps"]), state["config"]["world_size"]
-    resolved = {**cfg.to_dict(), "world_size": world, "lr_schedule_steps": dataclasses.asdict(schedule)}
+    saved_world, saved_batch = world, recipe.per_device_batch
+    if state is not None:
+        saved = state["config"]
+        # The run's schedule in steps: the unite_b preset's may differ with the world size where
+        # the sampler's padding adds a micro-batch to an epoch, and a run keeps the one it began with.
+        recipe = dataclasses.replace(recipe, schedule=LRSchedule(**saved["lr_schedule_steps"]))
+        # Checkpoints written before the micro-batch was derived ran micro-batches of per_device_batch.
+        saved_world, saved_batch = saved["world_size"], saved.get("micro_batch", cfg.per_device_batch)
+    resolved = {**cfg.to_dict(), "world_size": world, "micro_batch": recipe.per_device_batch,
+                "lr_schedule_steps": dataclasses.asdict(recipe.schedule)}
     if state is not None:
         check_resume_config(state["config"], resolved, resume_from)
     source = build_batch_source(cfg, rank, world) if data is None else as_batch_source(data)
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    engine = Engine(UNITE(cfg.model).to(runtime.device), cfg, runtime, schedule)
+    engine = Engine(UNITE(cfg.model).to(runtime.device), cfg, runtime, recipe)
     step, skipped, streak, position = 0, 0, 0, DataPosition()
     reread = 0
     if state is None:
@@ -148,7 +158,8 @@ def _train(cfg: TrainConfig, runtime: Runtime, data: BatchSource | Iterable | No
             position = DataPosition(**state["data_position"])
             restore_rng_state(state["rng"][rank])
         else:
-            position, reread = carry_position(state["data_position"], saved_world, world, cfg.per_device_batch)
+            position, reread = carry_position(state["data_position"], saved_world, saved_batch, world,
+                                              recipe.per_device_batch)
             seed_everything(rank_seed(cfg.seed, rank, resumed_at=step))
         del state, found  # the checkpoint's tensors are in the engine now
     if runtime.is_main:
@@ -156,11 +167,11 @@ def _train(cfg: TrainConfig, runtime: Runtime, data: BatchSource | Iterable | No
         (out_dir / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
         start = f"resuming from {resume_from} at step {step}" if resume_from else "starting from scratch"
         print(f"unite.train: {start}; {world} process(es), {engine.accum} micro-batch(es) of "
-              f"{cfg.per_device_batch} per step, peak lr {engine.peak_lr:.4g}", file=sys.stderr)
+              f"{recipe.per_device_batch} per step, peak lr {engine.peak_lr:.4g}", file=sys.stderr)
         if saved_world != world:
             print(f"unite.train: the checkpoint was written by {saved_world} process(es), this run has {world}: "
                   f"global batch {cfg.global_batch}, learning-rate schedule and data position (epoch "
-                  f"{position.epoch}, {position.batch * cfg.per_device_batch * world + reread} images in) carry "
+                  f"{position.epoch}, {position.batch * recipe.per_device_batch * world + reread} images in) carry "
                   f"over{f', {reread} of them read again' if reread else ''}; random states are drawn afresh, "
                   f"so the run continues but not bit for bit (that holds for the same number of processes "
                   f"only)", file=sys.stderr)
@@ -180,7 +191,7 @@ def _train(cfg: TrainConfig, runtime: Runtime, data: BatchSource | Iterable | No
             dist.barrier()
         return checkpoint_path(checkpoint_dir, step)
 
-    batches = micro_batches(source, position, cfg.per_device_batch)
+    batches = micro_batches(source, position, recipe.per_device_batch)
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not (runtime.is_main and cfg.progress),
                dynamic_ncols=True, desc="train")
     window = LogWindow(step)

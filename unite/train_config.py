@@ -1,6 +1,6 @@
 """The training config: TrainConfig with every key's meaning and default, its validation, and
-the learning-rate schedule and accumulation it implies. Every error names the key, the value and
-the rule."""
+the recipe it gives on a world size (`recipe_for`: per-device batch, accumulation, peak learning
+rate and schedule). Every error names the key, the value and the rule."""
 
 from __future__ import annotations
 
@@ -14,15 +14,16 @@ from typing import Any
 import yaml
 
 from unite.config import ConfigError, ModelConfig, model_config
-from unite.optim import MUON_DTYPES, LRSchedule, unite_b_schedule
+from unite.optim import MUON_DTYPES, LRSchedule, scaled_lr, unite_b_schedule
 from unite.options import check_choice, has_type
 
 # Keys that may differ between a checkpoint's config and the config that resumes it. A resume
-# on another world size keeps the checkpoint's schedule in steps (`lr_schedule_steps`).
+# on another world size keeps the checkpoint's schedule in steps (`lr_schedule_steps`) and
+# carries the data position over from the saved run's micro-batch (`micro_batch`).
 RESUME_MAY_CHANGE = frozenset(
     {"out_dir", "max_steps", "log_every", "checkpoint_every", "keep_last", "max_nonfinite",
      "resume", "progress", "compile_decoder", "live_metrics", "world_size", "lr_schedule_steps",
-     "muon_dtype", "tf32"}
+     "micro_batch", "muon_dtype", "tf32"}
 )
 # Keys that configs saved by earlier versions hold and this one no longer has: a checkpoint
 # holding them still resumes.
@@ -38,7 +39,7 @@ class TrainConfig:
     out_dir: str
     max_steps: int  # optimizer steps
     global_batch: int = 1024  # images per optimizer step, all ranks and micro-batches together
-    per_device_batch: int = 64  # images per micro-batch on one rank
+    per_device_batch: int = 64  # the most images per micro-batch on one rank (see recipe_for)
     base_lr: float = 1e-4  # at a global batch of 384, scaled linearly
     schedule: dict[str, Any] = field(
         default_factory=lambda: {"preset": "unite_b", "images_per_epoch": 1_281_167}
@@ -90,12 +91,7 @@ class TrainConfig:
             raise ConfigError(f"ema_decay={config.ema_decay}: must lie in [0, 1)")
         check_choice("muon_dtype", config.muon_dtype, MUON_DTYPES, ConfigError)
         check_choice("device", config.device, ("auto", "cpu", "cuda"), ConfigError)
-        if config.global_batch % config.per_device_batch:
-            raise ConfigError(
-                f"global_batch={config.global_batch}: must be a multiple of "
-                f"per_device_batch={config.per_device_batch}"
-            )
-        build_schedule(config.schedule, config.per_device_batch, 1)  # validates the section
+        build_schedule(config.schedule, config.global_batch, 1)  # validates the section
         return config
 
 
@@ -150,7 +146,7 @@ def load_config(path: str | Path) -> TrainConfig:
     return TrainConfig.from_dict(values)
 
 
-def build_schedule(section: dict[str, Any], per_device_batch: int, world_size: int) -> LRSchedule:
+def build_schedule(section: dict[str, Any], global_batch: int, world_size: int) -> LRSchedule:
     """`schedule:` is either {preset: unite_b, images_per_epoch: N} or the four LRSchedule
     fields in optimizer steps (warmup_steps, hold_until_step, decay_until_step, final_lr_factor)."""
     if not isinstance(section, dict):
@@ -164,7 +160,7 @@ def build_schedule(section: dict[str, Any], per_device_batch: int, world_size: i
         if not has_type(images, int) or images <= 0:
             raise ConfigError(f"schedule.images_per_epoch={images!r}: must be a positive integer")
         try:
-            return unite_b_schedule(images, per_device_batch, world_size)
+            return unite_b_schedule(images, global_batch, world_size)
         except ValueError as error:
             raise ConfigError(str(error)) from None
     names = [f.name for f in dataclasses.fields(LRSchedule)]
@@ -177,12 +173,57 @@ def build_schedule(section: dict[str, Any], per_device_batch: int, world_size: i
         raise ConfigError(str(error)) from None
 
 
-def accumulation_steps(global_batch: int, per_device_batch: int, world_size: int) -> int:
-    """Micro-batches per optimizer step on each rank."""
-    if global_batch % (per_device_batch * world_size):
-        raise ConfigError(
-            f"global_batch={global_batch}: must be a multiple of per_device_batch={per_device_batch} "
-            f"x world_size={world_size} = {per_device_batch * world_size}, so that every rank runs "
-            "a whole number of accumulation micro-batches"
-        )
-    return global_batch // (per_device_batch * world_size)
+@dataclass(frozen=True)
+class Recipe:
+    """What a run trains with on a given world size. The global batch, peak learning rate and
+    schedule in optimizer steps are the same on every world size that can split the batch; only
+    how each rank splits its share into micro-batches differs."""
+
+    global_batch: int        # images per optimizer step, all ranks
+    per_device_batch: int    # images per micro-batch on one rank (derived)
+    accumulation: int        # micro-batches per optimizer step on each rank
+    peak_lr: float           # scaled_lr(base_lr, global_batch)
+    schedule: LRSchedule     # in optimizer steps
+
+
+def recipe_for(cfg: TrainConfig, world_size: int) -> Recipe:
+    """The recipe of `cfg` on `world_size` ranks: each rank takes global_batch / world_size
+    images a step, in micro-batches of the largest divisor of that share that is at most
+    cfg.per_device_batch. A cap that divides the share is the micro-batch itself, so a setting
+    where per_device_batch x world_size divides global_batch keeps that micro-batch and
+    accumulation. Raises ConfigError when the world size cannot split the global batch
+    (`check_world_size`)."""
+    check_world_size(cfg, world_size)
+    share = cfg.global_batch // world_size
+    micro = max(size for size in range(1, min(share, cfg.per_device_batch) + 1) if share % size == 0)
+    return Recipe(
+        global_batch=cfg.global_batch,
+        per_device_batch=micro,
+        accumulation=share // micro,
+        peak_lr=scaled_lr(cfg.base_lr, cfg.global_batch),
+        schedule=build_schedule(cfg.schedule, cfg.global_batch, world_size),
+    )
+
+
+def check_world_size(cfg: TrainConfig, world_size: int, key: str = "world_size", prefix: str = "") -> None:
+    """Refuse, before anything starts, a world size that cannot split the global batch: every
+    rank takes the same whole number of images per step, and the unite_b schedule (the
+    reference's 2 micro-batches per rank) needs a multiple of 2 x world_size. `prefix` and `key`
+    name the setting as the user wrote it (`train.` and `nproc_per_node` in params.yaml)."""
+    if world_size < 1:
+        raise ConfigError(f"{prefix}{key}={world_size}: must be >= 1")
+    parts = 2 if "preset" in cfg.schedule else 1  # the unite_b preset splits each rank's share in two
+    unit = parts * world_size
+    if cfg.global_batch % unit == 0:
+        return
+    batch = f"{prefix}global_batch={cfg.global_batch}"
+    rule = (f"the unite_b schedule counts epochs in micro-batches of global_batch / (2 x {world_size}) images, "
+            f"as the reference splits it, so it must be a multiple of {unit}" if parts == 2 else
+            f"every rank takes the same number of images, so the global batch must be a multiple of {world_size}")
+    valid = [count for count in range(1, cfg.global_batch + 1) if cfg.global_batch % (parts * count) == 0]
+    nearest = [c for c in valid if c < world_size][-1:] + [c for c in valid if c > world_size][:1]
+    raise ConfigError(
+        f"{prefix}{key}={world_size}: {batch} cannot be split over {world_size} processes (GPUs): {rule}; "
+        f"use {' or '.join(map(str, nearest))} processes (any number that divides "
+        f"{cfg.global_batch // parts}) or another {prefix}global_batch"
+    )

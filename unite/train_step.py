@@ -17,16 +17,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from unite.distributed import Runtime
 from unite.model import UNITE
-from unite.optim import (
-    EMA,
-    FROZEN_PREFIX,
-    LRSchedule,
-    build_optimizers,
-    newton_schulz_dtype,
-    scaled_lr,
-    trained_parameters,
-)
-from unite.train_config import TrainConfig, accumulation_steps
+from unite.optim import EMA, FROZEN_PREFIX, build_optimizers, newton_schulz_dtype, trained_parameters
+from unite.train_config import Recipe, TrainConfig
 
 # Quirk kept from the reference: this parameter exists but is never used, so it never gets a
 # gradient; DDP is told to ignore it (otherwise its reducer waits for that gradient forever).
@@ -45,18 +37,19 @@ class StepResult:
 
 class Engine:
     """The model (DDP-wrapped when distributed), both optimizers with their schedules and the
-    EMA; `step` runs one optimizer step."""
+    EMA; `step` runs one optimizer step. The accumulation, peak learning rate and schedule are
+    the run's `recipe` (`recipe_for`, with a resumed run's schedule in steps)."""
 
-    def __init__(self, model: UNITE, cfg: TrainConfig, runtime: Runtime, schedule: LRSchedule):
+    def __init__(self, model: UNITE, cfg: TrainConfig, runtime: Runtime, recipe: Recipe):
         # Train mode reaches every submodule, LPIPS included: its head dropout is part of the
         # reference's training loss (the reference calls model.train() every epoch).
         self.raw = model.train()
         self.runtime = runtime
-        self.accum = accumulation_steps(cfg.global_batch, cfg.per_device_batch, runtime.world_size)
+        self.accum = recipe.accumulation
         self.grad_clip = cfg.grad_clip
         self.bf16 = cfg.bf16 and runtime.device.type == "cuda"
-        self.peak_lr = scaled_lr(cfg.base_lr, cfg.global_batch)
-        self.schedule = schedule
+        self.peak_lr = recipe.peak_lr
+        self.schedule = recipe.schedule
         if cfg.compile_decoder:
             model.decoder.compile()
         self.model: nn.Module = model
@@ -75,7 +68,7 @@ class Engine:
             model, self.peak_lr, newton_schulz_dtype(cfg.muon_dtype, runtime.device)
         )
         self.schedulers = [
-            torch.optim.lr_scheduler.LambdaLR(opt, schedule) for opt in (self.muon, self.adamw)
+            torch.optim.lr_scheduler.LambdaLR(opt, recipe.schedule) for opt in (self.muon, self.adamw)
         ]
         self.ema = EMA(model, cfg.ema_decay)
 
