@@ -60,7 +60,10 @@ def newton_schulz_closed_form(grad: torch.Tensor) -> torch.Tensor:
     return u @ torch.diag(s) @ vh
 
 
-def test_bfloat16_muon_matches_torch_bit_for_bit() -> None:
+@pytest.mark.parametrize("found_inf", [None, 0.0], ids=["no-flag", "finite-flag"])
+def test_bfloat16_muon_matches_torch_bit_for_bit(found_inf: float | None) -> None:
+    """Also with the device-side skip flag given as 0 (a finite step): torch's update exactly."""
+    flag = None if found_inf is None else torch.tensor(found_inf)
     ours, theirs = tiny_model_with_grads(0), tiny_model_with_grads(0)
     muon, _ = build_optimizers(ours, lr=0.02, ns_dtype=torch.bfloat16)
     # The recipe's hyperparameters, written out independently of build_optimizers.
@@ -75,12 +78,40 @@ def test_bfloat16_muon_matches_torch_bit_for_bit() -> None:
             for p, q in zip(ours.parameters(), theirs.parameters()):
                 p.grad = torch.randn(p.shape, generator=generator)
                 q.grad = p.grad.clone()
-        muon.step()
+        muon.step(found_inf=flag)
         reference.step()
         for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
             assert torch.equal(p, q), f"step {step}: {name} differs from torch.optim.Muon"
     moved = [n for n, _ in split_parameters(ours)[0] if not torch.equal(start[n], dict(ours.named_parameters())[n])]
     assert len(moved) == len(split_parameters(ours)[0])
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_a_flagged_muon_step_keeps_parameters_and_momentum_bit_for_bit(weight_decay: float) -> None:
+    """found_inf = 1 with NaN gradients: parameters and momentum buffers keep their bits, and the
+    next finite step is the one an optimizer that never saw the flagged step takes."""
+    model, twin = tiny_model_with_grads(0), tiny_model_with_grads(0)
+    muon = build_optimizers(model, lr=0.02, ns_dtype=torch.float32)[0]
+    plain = build_optimizers(twin, lr=0.02, ns_dtype=torch.float32)[0]
+    for optimizer in (muon, plain):
+        optimizer.param_groups[0]["weight_decay"] = weight_decay
+        optimizer.step(found_inf=torch.tensor(0.0))
+    params = [p for _, p in split_parameters(model)[0]]
+    before = [p.detach().clone() for p in params]
+    buffers = [muon.state[p]["momentum_buffer"].clone() for p in params]
+    for p in params:
+        p.grad = torch.full_like(p, float("nan"))
+    muon.step(found_inf=torch.tensor(1.0))
+    for p, kept, buffer in zip(params, before, buffers):
+        assert torch.equal(p, kept) and torch.equal(muon.state[p]["momentum_buffer"], buffer)
+    generator = torch.Generator().manual_seed(2)
+    for p, q in zip(params, [q for _, q in split_parameters(twin)[0]]):
+        p.grad = torch.randn(p.shape, generator=generator)
+        q.grad = p.grad.clone()
+    muon.step(found_inf=torch.tensor(0.0))
+    plain.step()
+    for p, q in zip(params, [q for _, q in split_parameters(twin)[0]]):
+        assert torch.equal(p, q)
 
 
 def test_float32_muon_step_follows_the_closed_form() -> None:

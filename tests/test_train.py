@@ -4,6 +4,7 @@ test_train_distributed.py for two gloo processes)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -29,8 +30,10 @@ from unite.data.manifest import write_manifest
 from unite.data.shards import write_shards
 from unite.model import UNITE
 from unite.optim import EMA, LRSchedule, split_parameters
-from unite.train import NonFiniteLossError, StopSignal, main, train
-from unite.train_config import TrainConfig, load_config
+from unite.distributed import init_runtime
+from unite.train import NonFiniteLossError, Preempted, StopSignal, main, train
+from unite.train_config import TrainConfig, load_config, recipe_for
+from unite.train_step import Engine
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -203,6 +206,22 @@ def test_parameter_split() -> None:
     # encoder block, latent_in, two time-MLP weights, the label table, and per decoder block qkv,
     # proj, fc1, fc2 plus latent_proj, embed and head.
     assert len(muon_names) == 5 * 5 + 4 + 4 * 1 + 3
+
+
+def test_ema_keep_flag_is_the_plain_update_or_none_bit_for_bit() -> None:
+    """keep=True gives the bits of the update without the flag; keep=False leaves the average."""
+    torch.manual_seed(0)
+    model = UNITE(model_config(**TINY_MODEL))
+    plain, flagged, skipped, untouched = (EMA(model, 0.9) for _ in range(4))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    plain.update(model)
+    flagged.update(model, keep=torch.tensor(True))
+    skipped.update(model, keep=torch.tensor(False))
+    assert_identical(flagged.state, plain.state, "ema")
+    assert_identical(skipped.state, untouched.state, "ema")
+    assert not torch.equal(plain.state[plain.names[0]], untouched.state[plain.names[0]])
 
 
 def test_ema_update_closed_form() -> None:
@@ -384,6 +403,26 @@ def test_nonfinite_step_is_skipped_and_counted(tmp_path: Path) -> None:
         assert_identical(a[key]["state"], b[key]["state"], key)
 
 
+def test_a_nonfinite_step_changes_no_state_bit_for_bit_and_reports_it_one_read_later(tmp_path: Path) -> None:
+    """The skip is decided on the device: after a finite step, a step on NaN images leaves the
+    parameters, EMA, AdamW and Muon states as they were, bit for bit; its values, read from the
+    pending step, say that it was not applied and carry the stop request."""
+    cfg = train_config(tmp_path, global_batch=4)
+    torch.manual_seed(cfg.seed)
+    engine = Engine(UNITE(cfg.model), cfg, init_runtime("cpu"), recipe_for(cfg, 1))
+    batches = iter(nan_batches(good=1, total=2))
+    first = engine.step(batches, lambda: False)
+    before = copy.deepcopy(engine.state_dict())
+    second = engine.step(batches, lambda: True)
+    after = engine.state_dict()
+    for key in ("model", "ema"):
+        assert_identical(after[key], before[key], key)
+    for key in ("optimizer", "optimizer_muon"):
+        assert_identical(after[key]["state"], before[key]["state"], key)
+    assert first.result().applied and not first.result().stop and math.isfinite(first.result().losses["loss"])
+    assert not second.result().applied and second.result().stop and math.isnan(second.result().losses["loss"])
+
+
 def test_nonfinite_streak_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
     config = train_config(tmp_path, global_batch=4, max_steps=10, max_nonfinite=2, checkpoint_every=1)
     with pytest.raises(NonFiniteLossError, match=r"2 consecutive steps \(up to step 4\).*step_00000002.pt"):
@@ -391,6 +430,42 @@ def test_nonfinite_streak_stops_and_keeps_the_last_good_checkpoint(tmp_path: Pat
     names = [p.name for p in list_checkpoints(tmp_path / "checkpoints")]
     assert names == ["step_00000001.pt", "step_00000002.pt"]
     assert metric_rows(tmp_path)[-1]["skipped_steps"] == "1"  # the row of step 3
+
+
+def test_the_nonfinite_streak_stops_one_step_late_between_checkpoints(tmp_path: Path) -> None:
+    """Without a checkpoint due, step 4's values are read once step 5 is queued: the error
+    still names steps 3 and 4, no checkpoint was written, and step 3's row is the last."""
+    config = train_config(tmp_path, global_batch=4, max_steps=10, max_nonfinite=2, checkpoint_every=100)
+    with pytest.raises(NonFiniteLossError, match=r"2 consecutive steps \(up to step 4\).*checkpoint: None"):
+        train(config, data=nan_batches(good=2, total=6))
+    assert list_checkpoints(tmp_path / "checkpoints") == []
+    last = metric_rows(tmp_path)[-1]
+    assert (last["step"], last["skipped_steps"]) == ("3", "1")
+
+
+class SignalDuringBatch:
+    """Batches that send this process SIGTERM as batch `at` is drawn (during that step)."""
+
+    def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]], at: int):
+        self.items, self.at = batches, at
+
+    def __iter__(self):
+        for index, batch in enumerate(self.items):
+            if index == self.at:
+                signal.raise_signal(signal.SIGTERM)
+            yield batch
+
+
+def test_a_stop_requested_during_step_n_stops_after_step_n_plus_1(tmp_path: Path) -> None:
+    """Step 2 carries the request (asked after its micro-batches); its values are read once step 3
+    is queued, so the run stops after step 3, with its checkpoint and row."""
+    data = SignalDuringBatch(nan_batches(good=5, total=5), at=1)
+    with pytest.raises(Preempted, match=r"SIGTERM received; finished step 3, wrote .*step_00000003.pt"):
+        train(train_config(tmp_path, global_batch=4, max_steps=5, checkpoint_every=100), data=data)
+    [checkpoint] = list_checkpoints(tmp_path / "checkpoints")
+    state = load_checkpoint(checkpoint)
+    assert state["step"] == 3 and state["data_position"] == {"epoch": 0, "batch": 3}
+    assert [row["step"] for row in metric_rows(tmp_path)] == ["1", "2", "3"]
 
 
 @pytest.mark.parametrize("signals", [[signal.SIGTERM], [signal.SIGHUP] * 3], ids=["sigterm", "sighup-repeated"])

@@ -107,7 +107,7 @@ def _worker(rank: int, ports: list[int], root: str) -> None:
         source = TensorBatches(*synthetic_images(cfg.model, 24, 0), 2, rank, 2)
         batches = micro_batches(source, DataPosition(), 2)
         torch.manual_seed(rank)
-        applied = [engine.step(batches, stop_requested=False).applied for _ in range(2)]
+        applied = [engine.step(batches, stop_requested=lambda: False).result().applied for _ in range(2)]
         flat = torch.cat([p.detach().flatten() for p in engine.params])
         gathered = [torch.empty_like(flat) for _ in range(2)]
         dist.all_gather(gathered, flat)

@@ -10,8 +10,9 @@ two passes over the project's own code:
    evaluate stages generate it; Inception features of that block and LPIPS of a reconstruction
    at their input sizes. A tensor on the wrong device anywhere fails the pass and names the place.
    Autograd's backward on fake CUDA tensors needs a CUDA context, so in this pass each backward
-   gives every trained parameter a gradient of its shape instead; the backward itself runs in
-   pass 2. The host's reads of device values in one optimizer step are counted here
+   gives every leaf of the loss's graph a gradient of its shape instead (the backward of these
+   ops reads nothing on the host); the backward itself runs in pass 2. CUDA events, which need
+   the runtime, do nothing. The host's reads of device values in one optimizer step are counted here
    (`unite.host_syncs`); value checks that fake tensors cannot answer get a fixed answer.
 2. On fake CPU tensors, for the numbers: two optimizer steps of the trainer with the backward,
    under bf16 autocast as on CUDA (CUDA's autocast is off without a GPU; CPU autocast stands in:
@@ -34,6 +35,7 @@ import traceback
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from unittest import mock
 from pathlib import Path
 from typing import Any
 
@@ -184,17 +186,17 @@ def check_on_fake_cuda(cfg: TrainConfig, recipe: Recipe, generation: Generation)
     """Pass 1: the trainer's optimizer step, the EMA export, a generation block, Inception
     features and LPIPS on fake CUDA tensors. Returns the host reads of one optimizer step."""
     device = torch.device("cuda", 0)
-    with FakeTensorMode(), failures_named("training step on fake CUDA tensors"):
+    with fake_cuda(), failures_named("training step on fake CUDA tensors"):
         model, engine = build_engine(cfg, recipe, device)
         engine.bf16 = False  # CUDA's autocast cannot run without a GPU (pass 2 stands in for it)
         counter = HostSyncCounter(answer=0)  # losses 0, finite, no stop request
-        with gradients_without_backward(engine.params), counter:
-            engine.step(uint8_batches(cfg, recipe.per_device_batch), stop_requested=False)
+        with gradients_instead_of_backward(), counter:
+            engine.step(uint8_batches(cfg, recipe.per_device_batch), lambda: False)
         {name: tensor.contiguous() for name, tensor in engine.ema.state_dict().items()}  # the export
         model.load_state_dict(engine.ema.state_dict(), strict=False)
         model.eval()
         del engine
-    with FakeTensorMode(), failures_named("generation and scoring on fake CUDA tensors"):
+    with fake_cuda(), failures_named("generation and scoring on fake CUDA tensors"):
         model = to_device(UNITE(cfg.model), device).eval()
         check_generation(model, generation, device)
     return {"syncs": counter.syncs, "values": counter.values, "where": dict(counter.where)}
@@ -248,11 +250,11 @@ def measure_training(cfg: TrainConfig, recipe: Recipe) -> dict[str, float]:
         with memory, HostSyncCounter(answer=0):
             engine.accum = 1
             with FlopCounterMode(display=False) as flops, optimizer_flops(flops) as in_optimizers:
-                engine.step(batches, stop_requested=False)  # also creates the optimizer states
+                engine.step(batches, lambda: False)  # also creates the optimizer states
             state = memory.current
             memory.reset_peak()
             engine.accum = min(recipe.accumulation, 2)
-            engine.step(batches, stop_requested=False)
+            engine.step(batches, lambda: False)
         micro_batch = flops.get_total_flops() - in_optimizers[0]
         images_per_step = recipe.per_device_batch * recipe.accumulation
         return {"peak_gib": memory.peak / GIB, "state_gib": state / GIB,
@@ -341,22 +343,55 @@ def uint8_batches(cfg: TrainConfig, batch: int) -> Iterator[tuple[Tensor, Tensor
                torch.zeros(batch, dtype=torch.long))
 
 
+class _NoEvent:
+    """torch.cuda.Event for fake CUDA tensors where no CUDA runtime may run: nothing to record, and
+    nothing to wait for."""
+
+    def record(self, stream: Any = None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
 @contextmanager
-def gradients_without_backward(params: list[nn.Parameter]) -> Iterator[None]:
-    """`Tensor.backward` gives each parameter a gradient of its shape instead of running
-    autograd (which needs a real CUDA context for CUDA tensors)."""
-    original = torch.Tensor.backward
+def fake_cuda() -> Iterator[FakeTensorMode]:
+    """Fake CUDA tensors, no GPU needed: FakeTensorMode (taking the meta-built modules' tensors of
+    `build_on` as inputs) with CUDA events stubbed out."""
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, mock.patch("torch.cuda.Event", _NoEvent):
+        yield mode
 
-    def backward(self: Tensor, *args: Any, **kwargs: Any) -> None:
-        for param in params:
-            if param.grad is None:
-                param.grad = torch.zeros_like(param)
 
-    torch.Tensor.backward = backward
-    try:
+def _leaves(loss: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors whose gradient `loss.backward()` would accumulate: the AccumulateGrad nodes
+    of its autograd graph."""
+    leaves, seen, stack = [], set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):
+            leaves.append(node.variable)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return leaves
+
+
+@contextmanager
+def gradients_instead_of_backward() -> Iterator[None]:
+    """`Tensor.backward()` gives every leaf of the graph a zero gradient (accumulating, as autograd
+    does) instead of running autograd: autograd on fake CUDA tensors needs a CUDA context, and the
+    backward of these ops reads nothing on the host, so the count is the same."""
+
+    def backward(self: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        for leaf in _leaves(self):
+            if leaf.grad is None:
+                leaf.grad = torch.zeros_like(leaf)
+            else:
+                leaf.grad.add_(torch.zeros_like(leaf))
+
+    with mock.patch.object(torch.Tensor, "backward", backward):
         yield
-    finally:
-        torch.Tensor.backward = original
 
 
 @contextmanager

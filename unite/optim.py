@@ -155,11 +155,16 @@ class Muon(torch.optim.Muon):
         self.share_across_ranks = share_across_ranks
 
     @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
+    def step(self, closure: Any = None, *, found_inf: Tensor | None = None) -> Any:
+        """torch's Muon step; with `found_inf` (a 0-dim device tensor, 1 where the gradients are
+        not finite, as GradScaler passes to fused AdamW) it is decided on the device whether to
+        update: where it is 1, parameters and momentum buffers keep their bits, so the host need
+        not read the flag before stepping."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        keep = None if found_inf is None else found_inf == 0
         sharing = self.share_across_ranks and dist.is_available() and dist.is_initialized()
         sharing = sharing and dist.get_world_size() > 1
         for group in self.param_groups:
@@ -168,17 +173,23 @@ class Muon(torch.optim.Muon):
             buffers: list[Tensor] = []
             self._init_group(group, params, grads, buffers)
             if sharing:
-                self._shared_group_step(group, params, grads, buffers)
+                self._shared_group_step(group, params, grads, buffers, keep)
                 continue
             for param, grad, buffer in zip(params, grads, buffers):
-                self._advance_momentum(group, grad, buffer)
+                grad = self._advance_momentum(group, grad, buffer, keep)
                 update = orthogonalise(self._momentum_update(group, grad, buffer), self.ns_dtype, group["eps"])
-                self._apply(group, param, update)
+                self._apply(group, param, update, keep)
         return loss
 
     @staticmethod
-    def _advance_momentum(group: dict[str, Any], grad: Tensor, buffer: Tensor) -> None:
+    def _advance_momentum(group: dict[str, Any], grad: Tensor, buffer: Tensor, keep: Tensor | None) -> Tensor:
+        """Advances the buffer and returns the gradient the update uses. Where `keep` is False the
+        gradient is replaced by the buffer itself: lerp(b, b, w) is b exactly, and the update
+        computed from it is finite (it is then dropped by `_apply`)."""
+        if keep is not None:
+            grad = torch.where(keep, grad, buffer)
         buffer.lerp_(grad, 1 - group["momentum"])
+        return grad
 
     @staticmethod
     def _momentum_update(group: dict[str, Any], grad: Tensor, buffer: Tensor) -> Tensor:
@@ -186,13 +197,21 @@ class Muon(torch.optim.Muon):
         return grad.lerp(buffer, group["momentum"]) if group["nesterov"] else buffer
 
     @staticmethod
-    def _apply(group: dict[str, Any], param: Tensor, update: Tensor) -> None:
+    def _apply(group: dict[str, Any], param: Tensor, update: Tensor, keep: Tensor | None) -> None:
+        """torch's update; where `keep` is False the decay factor is 1 and the update 0, so the
+        parameter keeps its bits (torch.where selects, so a kept update is torch's exactly)."""
         lr = group["lr"]
-        param.mul_(1 - lr * group["weight_decay"])
+        decay = 1 - lr * group["weight_decay"]
+        if keep is not None:
+            update = torch.where(keep, update, 0)
+            if decay != 1:
+                decay = torch.where(keep, decay, 1.0)
+        param.mul_(decay)
         param.add_(update, alpha=-adjusted_lr(lr, group["adjust_lr_fn"], param.shape))
 
     def _shared_group_step(
-        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], buffers: list[Tensor]
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], buffers: list[Tensor],
+        keep: Tensor | None,
     ) -> None:
         """Every rank advances every momentum buffer; rank r orthogonalises its own matrices into
         its slot of a flat buffer (slots padded to the largest), and `_gather_results` hands
@@ -209,14 +228,15 @@ class Muon(torch.optim.Muon):
         mine = torch.empty(slot, dtype=self.ns_dtype, device=params[0].device)
         mine[sizes[rank]:].zero_()
         for param, grad, buffer, owner, offset in zip(params, grads, buffers, owners, offsets):
-            self._advance_momentum(group, grad, buffer)
+            grad = self._advance_momentum(group, grad, buffer, keep)
             if owner == rank:
                 result = orthogonalise(self._momentum_update(group, grad, buffer), self.ns_dtype, group["eps"])
                 mine[offset:offset + param.numel()].copy_(flatten_orthogonalised(result))
         gathered = self._gather_results(mine)
         for param, owner, offset in zip(params, owners, offsets):
             start = owner * slot + offset
-            self._apply(group, param, unflatten_orthogonalised(gathered[start:start + param.numel()], param.shape))
+            self._apply(group, param, unflatten_orthogonalised(gathered[start:start + param.numel()], param.shape),
+                        keep)
 
     @staticmethod
     def _gather_results(mine: Tensor) -> Tensor:
@@ -376,9 +396,14 @@ class EMA:
         self._averages = [self.state[name] for name in self.names]
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """ema <- decay * ema + (1 - decay) * param, once per optimizer step."""
+    def update(self, model: nn.Module, keep: Tensor | None = None) -> None:
+        """ema <- decay * ema + (1 - decay) * param, once per optimizer step. Where `keep` (a
+        0-dim bool device tensor) is False the average is left as it is, decided on the device:
+        it moves toward itself (lerp(a, a, w) is a exactly), and where True the same kernel runs
+        on the parameters with the same scalar weight as without `keep`, so the bits match."""
         params = [p.detach().float() for _, p in trained_parameters(model)]
+        if keep is not None:
+            params = [torch.where(keep, p, average) for p, average in zip(params, self._averages)]
         torch._foreach_lerp_(self._averages, params, 1.0 - self.decay)
 
     def state_dict(self) -> dict[str, Tensor]:

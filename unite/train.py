@@ -79,7 +79,7 @@ from unite.optim import LRSchedule
 from unite.safe_load import UntrustedPickleError
 from unite.train_config import RESUME_MAY_CHANGE, RETIRED_KEYS, Recipe, TrainConfig, load_config, recipe_for
 from unite.train_log import LogWindow, MetricsLog
-from unite.train_step import Engine
+from unite.train_step import Engine, PendingStep
 
 
 @dataclass(frozen=True)
@@ -196,41 +196,61 @@ def _train(cfg: TrainConfig, runtime: Runtime, recipe: Recipe, data: BatchSource
                dynamic_ncols=True, desc="train")
     window = LogWindow(step)
     last_checkpoint = resume_from
+
+    def settle(done: int, epoch: int, pending: PendingStep, stopping: bool) -> bool:
+        """Acts on the values of step `done` (read after the next step was queued, or at a
+        checkpoint or the end): the skip count and non-finite streak, and the metrics row; the
+        row is due also when the run stops after this step (`stopping`, or this step's own stop
+        request). Returns the stop request."""
+        nonlocal skipped, streak, window
+        result = pending.result()
+        if result.applied:
+            streak = 0
+            window.add(result)
+        else:
+            skipped, streak = skipped + 1, streak + 1
+            if runtime.is_main:
+                bar.write(f"unite.train: step {done}: non-finite loss or gradient norm, update skipped "
+                          f"({streak} in a row, {skipped} in all)", file=sys.stderr)
+            if streak >= cfg.max_nonfinite:
+                kept = latest_checkpoint(checkpoint_dir)
+                raise NonFiniteLossError(
+                    f"{streak} consecutive steps (up to step {done}) had a non-finite loss or gradient "
+                    f"norm (max_nonfinite={cfg.max_nonfinite}); training stopped. Last good "
+                    f"checkpoint: {kept}"
+                )
+        if runtime.is_main and (done % cfg.log_every == 0 or done == cfg.max_steps or stopping or result.stop):
+            elapsed = time.perf_counter() - window.start
+            row = {"step": done, "epoch": epoch, **window.means(), "lr": engine.lr_at(done - 1),
+                   "images_per_s": (done - window.first_step) * cfg.global_batch / elapsed,
+                   "skipped_steps": skipped}
+            metrics.write(row)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", recon=f"{row['recon']:.4f}",
+                            flow=f"{row['flow']:.4f}", lr=f"{row['lr']:.3g}",
+                            img_s=f"{row['images_per_s']:.1f}")
+            window = LogWindow(done)
+        return result.stop
+
+    # A step's values are read once the next step is queued, so the host never waits for the
+    # device mid-run; the skip streak, rows and stop requests act one step late. Before a
+    # checkpoint, at the end and on a stop, the last step's values are read too (the checkpoint
+    # holds the counters of its own step).
     with StopSignal() as stop_signal:
+        pending: tuple[int, int, PendingStep] | None = None  # (step, epoch, values): queued, unread
+        stop = False
         while step < cfg.max_steps:
-            result = engine.step(batches, stop_signal.received is not None)
+            queued = engine.step(batches, lambda: stop_signal.received is not None)
             step += 1
             bar.update(1)
-            if result.applied:
-                streak = 0
-                window.add(result)
-            else:
-                skipped, streak = skipped + 1, streak + 1
-                if runtime.is_main:
-                    bar.write(f"unite.train: step {step}: non-finite loss or gradient norm, update skipped "
-                              f"({streak} in a row, {skipped} in all)", file=sys.stderr)
-                if streak >= cfg.max_nonfinite:
-                    kept = latest_checkpoint(checkpoint_dir)
-                    raise NonFiniteLossError(
-                        f"{streak} consecutive steps (up to step {step}) had a non-finite loss or gradient "
-                        f"norm (max_nonfinite={cfg.max_nonfinite}); training stopped. Last good "
-                        f"checkpoint: {kept}"
-                    )
-
-            if runtime.is_main and (step % cfg.log_every == 0 or step == cfg.max_steps or result.stop):
-                elapsed = time.perf_counter() - window.start
-                row = {"step": step, "epoch": position.epoch, **window.means(), "lr": engine.lr_at(step - 1),
-                       "images_per_s": (step - window.first_step) * cfg.global_batch / elapsed,
-                       "skipped_steps": skipped}
-                metrics.write(row)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", recon=f"{row['recon']:.4f}",
-                                flow=f"{row['flow']:.4f}", lr=f"{row['lr']:.3g}",
-                                img_s=f"{row['images_per_s']:.1f}")
-                window = LogWindow(step)
-
-            if result.stop or step == cfg.max_steps or (step % cfg.checkpoint_every == 0 and streak == 0):
-                last_checkpoint = write_checkpoint()
-            if result.stop:
+            if pending is not None:
+                stop = settle(*pending, stopping=False)
+            pending = (step, position.epoch, queued)
+            if stop or step == cfg.max_steps or step % cfg.checkpoint_every == 0:
+                stop = settle(*pending, stopping=stop) or stop
+                pending = None
+                if stop or step == cfg.max_steps or (step % cfg.checkpoint_every == 0 and streak == 0):
+                    last_checkpoint = write_checkpoint()
+            if stop:
                 bar.close()
                 signum = stop_signal.received or signal.SIGTERM
                 raise Preempted(
@@ -300,7 +320,8 @@ def seed_everything(seed: int) -> None:
 
 class StopSignal:
     """Turns SIGTERM/SIGINT, and SIGHUP (the torchrun launcher died, or the terminal closed) into
-    a request to stop after the current step. A second SIGTERM/SIGINT interrupts at once; SIGHUP
+    a request to stop: the step being queued carries it, and as its values are read after the
+    next step is queued, the run stops (with a checkpoint) after that next step. A second SIGTERM/SIGINT interrupts at once; SIGHUP
     never does, as a dying launcher may send it several times. A SIGHUP ignored by the caller
     (nohup) stays ignored."""
 

@@ -1,11 +1,13 @@
 """The training step: the model (DDP-wrapped when distributed), Muon and AdamW with their
 learning-rate schedules, and the EMA. One `Engine.step` runs the accumulation micro-batches,
 clips the total gradient norm, agrees across ranks on the losses and on whether to apply the
-update, then steps the optimizers and the EMA."""
+update, then steps the optimizers and the EMA. Nothing in it waits for the device: whether to
+apply the update is decided on the device, and the values the host needs arrive as a
+`PendingStep`, read after the next step has been queued."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +27,8 @@ from unite.train_config import Recipe, TrainConfig
 UNUSED_PARAMETERS = ("encoder.time_embed.special_time_emb",)
 
 LOSS_PARTS = ("loss", "recon", "l1", "lpips", "flow")
+# The values every rank agrees on after a step, summed over ranks in one all-reduce.
+SHARED_VALUES = (*LOSS_PARTS, "grad_norm", "nonfinite", "stop")
 
 
 @dataclass
@@ -33,6 +37,33 @@ class StepResult:
     grad_norm: float  # total norm before clipping
     applied: bool  # False: a non-finite loss or gradient norm on some rank, nothing was updated
     stop: bool  # some rank received SIGTERM/SIGINT/SIGHUP
+
+
+class PendingStep:
+    """A queued step's shared values (SHARED_VALUES, summed over ranks) on their way to the host.
+
+    On CUDA they are copied without blocking into pinned memory and an event marks the copy's
+    end, so `result()` waits for that copy only, not for the work queued after it; on a CPU the
+    values are there already. `result()` reads them once and keeps the answer."""
+
+    def __init__(self, summed: Tensor, world: int):
+        self.world = world
+        self.values = summed.to("cpu", non_blocking=True)  # pinned when coming from CUDA
+        self.ready: torch.cuda.Event | None = None
+        if summed.is_cuda:
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+        self._result: StepResult | None = None
+
+    def result(self) -> StepResult:
+        if self._result is None:
+            if self.ready is not None:
+                self.ready.synchronize()
+            totals = dict(zip(SHARED_VALUES, self.values.tolist(), strict=True))
+            self._result = StepResult({name: totals[name] / self.world for name in LOSS_PARTS},
+                                      totals["grad_norm"] / self.world, totals["nonfinite"] == 0,
+                                      totals["stop"] > 0)
+        return self._result
 
 
 class Engine:
@@ -72,9 +103,15 @@ class Engine:
         ]
         self.ema = EMA(model, cfg.ema_decay)
 
-    def step(self, batches: Iterator[tuple[Tensor, Tensor]], stop_requested: bool) -> StepResult:
-        """One optimizer step on the next `accum` micro-batches; `stop_requested` is this rank's
-        wish to stop after it, which the result's `stop` carries to every rank."""
+    def step(self, batches: Iterator[tuple[Tensor, Tensor]], stop_requested: Callable[[], bool]) -> PendingStep:
+        """Queues one optimizer step on the next `accum` micro-batches and returns its values on
+        their way to the host. `stop_requested` is this rank's wish to stop, asked as late as
+        possible (after the micro-batches); the result's `stop` carries it to every rank.
+
+        A non-finite loss or gradient norm on any rank skips the update on the device: fused
+        AdamW gets the all-reduced flag as GradScaler's `found_inf` (its step count is rolled
+        back), Muon and the EMA the same flag (`Muon.step`, `EMA.update`). Schedulers step
+        either way, as before."""
         device, world = self.runtime.device, self.runtime.world_size
         parts = torch.zeros(len(LOSS_PARTS), device=device)
         for micro in range(self.accum):
@@ -93,25 +130,21 @@ class Engine:
             parts += torch.stack([out[name].detach().float() for name in LOSS_PARTS]) / self.accum
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         nonfinite = ~(torch.isfinite(parts).all() & torch.isfinite(grad_norm))
-        # One small all-reduce agrees on the losses, the skip decision and a stop request: the
-        # named scalars go as one tensor and come back by name (sums over ranks).
-        shared = {**dict(zip(LOSS_PARTS, parts)), "grad_norm": grad_norm.float(), "nonfinite": nonfinite.float(),
-                  "stop": torch.tensor(float(stop_requested), device=device)}
-        summed = torch.stack(list(shared.values()))
+        stop = torch.tensor(float(stop_requested()), device=device)
+        # One small all-reduce agrees on the losses, the skip decision and a stop request (sums).
+        summed = torch.cat([parts, torch.stack([grad_norm.float(), nonfinite.float(), stop])])
         if world > 1:
             dist.all_reduce(summed)
-        totals = dict(zip(shared, summed.tolist(), strict=True))
-        applied = totals["nonfinite"] == 0
-        if applied:
-            self.muon.step()
-            self.adamw.step()
-            self.ema.update(self.raw)
+        found_inf = (summed[SHARED_VALUES.index("nonfinite")] > 0).float()
+        self.muon.step(found_inf=found_inf)
+        self.adamw.found_inf = found_inf
+        self.adamw.step()
+        self.ema.update(self.raw, keep=found_inf == 0)
         self.muon.zero_grad(set_to_none=True)
         self.adamw.zero_grad(set_to_none=True)
         for scheduler in self.schedulers:
             scheduler.step()
-        losses = {name: totals[name] / world for name in LOSS_PARTS}
-        return StepResult(losses, totals["grad_norm"] / world, applied, totals["stop"] > 0)
+        return PendingStep(summed, world)
 
     def lr_at(self, step: int) -> float:
         """The learning rate the update of optimizer step `step` (0-based) uses."""
