@@ -62,6 +62,7 @@ H200_PEAK_BF16_TFLOPS = 989.4
 # The paper's speed for UNITE-B on 8 H200: about 26 minutes per ImageNet epoch.
 PAPER_UNITE_B = {"gpus": 8, "epoch_minutes": 26.0, "images_per_epoch": 1_281_167}
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_PACKAGES = ("unite", "stages", "flows", "benchmarks", "tests")
 
 aten = torch.ops.aten
 # torch's FLOP counter knows CUDA's attention kernels; the CPU flash kernel does the same work.
@@ -394,6 +395,14 @@ def gradients_instead_of_backward() -> Iterator[None]:
         yield
 
 
+def _is_project_code(path: Path) -> bool:
+    """In this project's packages (a virtual environment may lie inside the checkout), and not
+    the dry run's own machinery."""
+    path = path.resolve()
+    return (path.is_relative_to(PROJECT_ROOT) and path.relative_to(PROJECT_ROOT).parts[0] in PROJECT_PACKAGES
+            and path.name not in ("dry_run.py", "host_syncs.py"))
+
+
 @contextmanager
 def failures_named(what: str) -> Iterator[None]:
     """Turns any error into DryRunFailed naming the innermost line of this project's code."""
@@ -402,8 +411,7 @@ def failures_named(what: str) -> Iterator[None]:
     except DryRunFailed:
         raise
     except Exception as error:  # noqa: BLE001 - every failure of the dry run is reported the same way
-        frames = [f for f in traceback.extract_tb(error.__traceback__)
-                  if Path(f.filename).resolve().is_relative_to(PROJECT_ROOT) and Path(f.filename).name not in ("dry_run.py", "host_syncs.py")]
+        frames = [f for f in traceback.extract_tb(error.__traceback__) if _is_project_code(Path(f.filename))]
         place = f" at {Path(frames[-1].filename).relative_to(PROJECT_ROOT)}:{frames[-1].lineno} " \
                 f"({frames[-1].name}: {frames[-1].line})" if frames else ""
         message = " ".join(str(error).split())
