@@ -15,10 +15,11 @@ two passes over the project's own code:
    the runtime, do nothing. The host's reads of device values in one optimizer step are counted here
    (`unite.host_syncs`); value checks that fake tensors cannot answer get a fixed answer.
 2. On fake CPU tensors, for the numbers: two optimizer steps of the trainer with the backward,
-   under bf16 autocast as on CUDA (CUDA's autocast is off without a GPU; CPU autocast stands in:
-   matrix products, convolutions and attention in bf16, as CUDA's lists have them). The second
-   step's peak of live tensor memory (counted per storage at the dispatcher, `LiveMemory`) is the
-   per-GPU training peak; FLOPs come from torch's FlopCounterMode. Attention runs torch's CPU
+   one micro-batch each, under bf16 autocast as on CUDA (CUDA's autocast is off without a GPU;
+   CPU autocast stands in: matrix products, convolutions and attention in bf16, as CUDA's lists
+   have them). The second step's peak of live tensor memory (counted per storage at the
+   dispatcher, `LiveMemory`), with the gradients held as DDP's buckets and accumulation hold
+   them, is the per-GPU training peak; FLOPs come from torch's FlopCounterMode. Attention runs torch's CPU
    flash kernel, which keeps what CUDA's flash attention keeps (output and log-sum-exp, no
    L x L matrix). The decoder runs eagerly (torch.compile, which cannot compile for a fake GPU,
    only lowers memory).
@@ -136,7 +137,7 @@ def dry_run(cfg: TrainConfig, world_size: int, generation: Generation, *, gpu_me
     model = dataclasses.replace(cfg.model, lpips_random_backbone=cfg.model.perceptual_weight > 0)
     cfg = dataclasses.replace(cfg, model=model, compile_decoder=False, progress=False)
     syncs = check_on_fake_cuda(cfg, recipe, generation)
-    train = measure_training(cfg, recipe)
+    train = measure_training(cfg, recipe, world_size)
     gen = measure_generation(cfg, generation)
 
     usable = gpu_memory_gib * (1 - headroom)
@@ -237,24 +238,27 @@ def inception_features(device: torch.device):
 
 
 # ------------------------------------------------------------------------------ pass 2: numbers
-def measure_training(cfg: TrainConfig, recipe: Recipe) -> dict[str, float]:
-    """Pass 2: FLOPs of a micro-batch and of the optimizer step, then the peak memory of the
-    next step, on fake CPU tensors under bf16 autocast when the config asks for it (as CUDA
-    runs). The measured step runs at most two micro-batches: every later one starts, as the
-    second does, with the gradients of the earlier ones held, so it repeats the second's peak."""
+def measure_training(cfg: TrainConfig, recipe: Recipe, world_size: int) -> dict[str, float]:
+    """Pass 2: FLOPs of a micro-batch and of the optimizer step, then the peak memory of a
+    micro-batch, on fake CPU tensors under bf16 autocast when the config asks for it (as CUDA
+    runs). Under DDP (several GPUs) the gradients live in its buckets all the time, and with
+    accumulation every micro-batch after the first adds to the gradients of the ones before:
+    then the measured micro-batch starts with every gradient held, as those do."""
     with FakeTensorMode(), failures_named("training step on fake CPU tensors"):
         model, engine = build_engine(cfg, recipe, torch.device("cpu"))
         engine.bf16 = cfg.bf16  # CPU autocast stands in for CUDA's (see the module docstring)
+        engine.accum = 1
         batches = uint8_batches(cfg, recipe.per_device_batch)
         memory = LiveMemory()
         memory.track(list(model.parameters()), list(model.buffers()), list(engine.ema.state_dict().values()))
         with memory, HostSyncCounter(answer=0):
-            engine.accum = 1
             with FlopCounterMode(display=False) as flops, optimizer_flops(flops) as in_optimizers:
                 engine.step(batches, lambda: False)  # also creates the optimizer states
             state = memory.current
+            if world_size > 1 or recipe.accumulation > 1:
+                for param in engine.params:
+                    param.grad = torch.zeros_like(param)
             memory.reset_peak()
-            engine.accum = min(recipe.accumulation, 2)
             engine.step(batches, lambda: False)
         micro_batch = flops.get_total_flops() - in_optimizers[0]
         images_per_step = recipe.per_device_batch * recipe.accumulation
