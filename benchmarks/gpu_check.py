@@ -84,7 +84,8 @@ def predicted(batch: int, sample_images: int) -> dict:
                                  "per_device_batch": batch, "progress": False})
     train = measure_training(cfg, recipe_for(cfg, 1), world_size=1)
     generation = measure_generation(cfg, Generation(sample_images, Guidance(scale=3.4), lpips=False, inception=False))
-    return {"train_peak_gib": round(train["peak_gib"], 2), "train_tflops_per_image": round(train["flops_per_image"] / 1e12, 4),
+    return {"train_peak_gib": round(train["peak_gib"], 2),
+            "train_tflops_per_image": round(train["forward_backward_flops_per_image"] / 1e12, 4),
             "generation_peak_gib": round(generation["peak_gib"], 2)}
 
 

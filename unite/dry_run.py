@@ -162,7 +162,8 @@ def dry_run(cfg: TrainConfig, world_size: int, generation: Generation, *, gpu_me
             "fits": max(train["peak_gib"], gen["peak_gib"]) <= usable,
         },
         "flops": {
-            "train_per_image": train["flops_per_image"],
+            "train_per_image": train["flops_per_image"],  # the optimizer's share of a step included
+            "train_forward_backward_per_image": train["forward_backward_flops_per_image"],
             "generation_per_image_per_nfe": gen["flops_per_image_per_nfe"],
         },
         "host_syncs_per_step": syncs["syncs"],
@@ -263,6 +264,7 @@ def measure_training(cfg: TrainConfig, recipe: Recipe, world_size: int) -> dict[
         micro_batch = flops.get_total_flops() - in_optimizers[0]
         images_per_step = recipe.per_device_batch * recipe.accumulation
         return {"peak_gib": memory.peak / GIB, "state_gib": state / GIB,
+                "forward_backward_flops_per_image": micro_batch / recipe.per_device_batch,
                 "flops_per_image": micro_batch / recipe.per_device_batch + in_optimizers[0] / images_per_step}
 
 
