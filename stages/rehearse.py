@@ -211,9 +211,10 @@ def true_size(preset: str, nproc: int | None, nnodes: int, gpu_memory_gib: float
     cfg = train_config(params["train"], out_dir="checkpoints", data={"kind": "synthetic", "num_images": 1})
     nproc = params["train"]["nproc_per_node"] if nproc is None else nproc
     protocol = EvaluationProtocol.named(evaluate["protocol"])
+    blocks = (protocol.search_images(params)["block_size"], protocol.generation(evaluate)["block_size"])
     generation = Generation(
-        block_size=max(protocol.search_images(params)["block_size"], protocol.generation(evaluate)["block_size"]),
-        guidance=Guidance(scale=sweep["start_scale"], interval=tuple(sweep["interval"]), norm_order=sweep["norm_order"]),
+        block_size=max(blocks),
+        guidance=Guidance(sweep["start_scale"], tuple(sweep["interval"]), sweep["norm_order"]),
         lpips=evaluate["lpips"],
         inception=params["fid_ref"]["feature_space"] == "inception",
     )
@@ -251,6 +252,7 @@ def dry_runs(names: list[str], args: argparse.Namespace) -> int:
 
     status = 0
     for name in names:
+        print(f"dry run: {name} at true size on fake tensors (about a minute) ...", file=sys.stderr, flush=True)
         try:
             report = true_size(name, args.nproc, args.nnodes, args.gpu_memory_gib)
         except (DryRunFailed, ConfigError) as failure:
@@ -277,8 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="train.device")
     parser.add_argument("--keep", type=Path, help="work in this new folder and keep it (default: a temporary one)")
     parser.add_argument("--true-size", action="store_true",
-                        help="no rehearsal: a dry run of the preset at its true size on fake tensors (minutes, no GPU): "
-                             "device placement, peak memory per GPU, FLOPs, host syncs, the recipe on --nnodes x --nproc GPUs")
+                        help="no rehearsal: a dry run of the preset at its true size on fake tensors (about a "
+                             "minute, no GPU): device placement, peak memory per GPU, FLOPs, host syncs, the recipe "
+                             "on --nnodes x --nproc GPUs")
     parser.add_argument("--nnodes", type=int, default=1, help="with --true-size: nodes (default 1)")
     parser.add_argument("--gpu-memory-gib", type=float, default=141.0,
                         help="with --true-size: memory of one GPU in GiB (default 141, an H200)")

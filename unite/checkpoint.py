@@ -240,11 +240,15 @@ def export_ema(checkpoint: str | Path, out_path: str | Path) -> tuple[Path, Path
         "ema_decay": state["config"]["ema_decay"],
         "source_checkpoint": str(checkpoint),
     }
-    tensors = {name: tensor.contiguous() for name, tensor in state["ema"].items()}
-    save_file(tensors, str(out_path), metadata={"unite": json.dumps(info)})
+    save_file(exported_tensors(state["ema"]), str(out_path), metadata={"unite": json.dumps(info)})
     json_path = out_path.with_suffix(".json")
     json_path.write_text(json.dumps(info, indent=2) + "\n")
     return out_path, json_path
+
+
+def exported_tensors(ema: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The EMA state as the export stores it: every tensor contiguous, as safetensors needs."""
+    return {name: tensor.contiguous() for name, tensor in ema.items()}
 
 
 def load_exported(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig]:

@@ -34,21 +34,22 @@ import dataclasses
 import math
 import traceback
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from unittest import mock
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 from torch import Tensor, nn
-from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_backward_flop, sdpa_flop
 
+from unite.checkpoint import exported_tensors
 from unite.distributed import Runtime
 from unite.generate import generate
 from unite.host_syncs import HostSyncCounter
@@ -195,10 +196,7 @@ def check_on_fake_cuda(cfg: TrainConfig, recipe: Recipe, generation: Generation)
         counter = HostSyncCounter(answer=0)  # losses 0, finite, no stop request
         with gradients_instead_of_backward(), counter:
             engine.step(uint8_batches(cfg, recipe.per_device_batch), lambda: False)
-        {name: tensor.contiguous() for name, tensor in engine.ema.state_dict().items()}  # the export
-        model.load_state_dict(engine.ema.state_dict(), strict=False)
-        model.eval()
-        del engine
+        model.load_state_dict(exported_tensors(engine.ema.state_dict()), strict=False)  # the export, loaded
     with fake_cuda(), failures_named("generation and scoring on fake CUDA tensors"):
         model = to_device(UNITE(cfg.model), device).eval()
         check_generation(model, generation, device)
