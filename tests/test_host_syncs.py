@@ -9,9 +9,9 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from benchmarks.bench_train import build_on, count_host_syncs
-from unite.dry_run import fake_cuda, gradients_instead_of_backward
 from test_train import train_config
 from unite.distributed import Runtime
+from unite.dry_run import fake_cuda, gradients_instead_of_backward
 from unite.host_syncs import HostSyncCounter
 from unite.model import UNITE
 from unite.train_config import recipe_for
@@ -59,6 +59,18 @@ def test_a_blocking_copy_to_the_host_is_a_sync_a_non_blocking_one_is_not(fake) -
         x.to("cpu", non_blocking=True)
         host.copy_(x, non_blocking=True)
         host.copy_(x, True)  # non_blocking given by position
+    assert (counter.syncs, counter.values) == (0, 0)
+
+
+def test_a_blocking_copy_to_the_device_is_a_sync_a_fill_or_non_blocking_copy_is_not(fake) -> None:
+    # torch synchronises the stream after a blocking copy from pageable host memory.
+    with HostSyncCounter() as counter:
+        torch.tensor(1.0, device="cuda")
+        torch.ones(3).to("cuda")
+    assert (counter.syncs, counter.values, dict(counter.where)) == (2, 0, {"copy to device": 2})
+    with HostSyncCounter() as counter:
+        torch.full((), 1.0, device="cuda")
+        torch.ones(3).to("cuda", non_blocking=True)
     assert (counter.syncs, counter.values) == (0, 0)
 
 

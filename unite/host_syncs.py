@@ -2,7 +2,8 @@
 
 A CUDA program stalls whenever the host needs a value that lives on the device: `.item()`,
 `.tolist()`, `bool(tensor)`, a blocking copy to the CPU, or an op whose output size depends on
-values (`nonzero`, boolean indexing). `HostSyncCounter` sees these at the dispatcher, so it
+values (`nonzero`, boolean indexing); and at a blocking copy to the device, after which torch
+synchronises the stream. `HostSyncCounter` sees these at the dispatcher, so it
 counts them on any tensors, fake ones included: under `FakeTensorMode` a program that reads a
 value would fail (`DataDependentOutputException`); the counter answers such reads itself with a
 fixed value (`answer`), so the program runs on and every read is counted.
@@ -91,8 +92,11 @@ class HostSyncCounter(TorchDispatchMode):
         return self.answer
 
     def _count_copy(self, func, args, kwargs) -> None:
-        """A blocking copy from the device to the host waits; a non_blocking one does not (the
-        program copies into pinned memory and reads it after an event)."""
+        """A blocking copy between the host and the device waits for the device: to the host
+        for the values; to the device because torch synchronises the stream after a blocking
+        copy from pageable memory (`torch.tensor(x, device="cuda")` is one). A non_blocking copy
+        does not (to the host, the program copies into pinned memory and reads it after an
+        event)."""
         if func is aten._to_copy.default:
             source, target = args[0], kwargs.get("device")
             non_blocking = kwargs.get("non_blocking", False)
@@ -101,8 +105,11 @@ class HostSyncCounter(TorchDispatchMode):
             non_blocking = kwargs.get("non_blocking", len(args) > 2 and args[2])
         if not isinstance(source, torch.Tensor) or target is None or non_blocking:
             return
-        if source.device != self.host and torch.device(target) == self.host:
+        target = torch.device(target)
+        if source.device != self.host and target == self.host:
             self._count("copy to host", source.numel())
+        elif source.device == self.host and target != self.host:
+            self._count("copy to device", 0)
 
 
 def _storage_key(tensor: torch.Tensor) -> int | None:

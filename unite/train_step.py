@@ -130,7 +130,8 @@ class Engine:
             parts += torch.stack([out[name].detach().float() for name in LOSS_PARTS]) / self.accum
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         nonfinite = ~(torch.isfinite(parts).all() & torch.isfinite(grad_norm))
-        stop = torch.tensor(float(stop_requested()), device=device)
+        # Filled on the device: torch.tensor(x, device=...) would copy from the host and wait.
+        stop = torch.full((), float(stop_requested()), device=device)
         # One small all-reduce agrees on the losses, the skip decision and a stop request (sums).
         summed = torch.cat([parts, torch.stack([grad_norm.float(), nonfinite.float(), stop])])
         if world > 1:
