@@ -18,6 +18,7 @@ PRESETS = Path("presets")
 
 def apply_preset(name: str, params_file: Path = PARAMS_FILE) -> list[str]:
     """Rewrite params_file with the preset applied; returns the changed keys."""
+    preset_file(name)  # an unknown preset is named before params_file is read
     yaml = YAML()
     yaml.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
     params = yaml.load(params_file.read_text())
@@ -34,16 +35,22 @@ def preset_params(name: str, params_file: Path = PARAMS_FILE, presets: Path = PR
     return validate(params)
 
 
+def preset_file(name: str, presets: Path = PRESETS) -> Path:
+    """presets/NAME.yaml, or SystemExit naming the known presets."""
+    path = presets / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in presets.glob("*.yaml"))
+        raise SystemExit(f"preset {name!r}: no {path}; known presets: {known}")
+    return path
+
+
 def _apply(name: str, params: dict, presets: Path = PRESETS) -> list[str]:
     """Each key of the preset's sections replaces that key of `params`; returns the changed keys."""
-    preset_file = presets / f"{name}.yaml"
-    if not preset_file.is_file():
-        known = sorted(p.stem for p in presets.glob("*.yaml"))
-        raise SystemExit(f"preset {name!r}: no {preset_file}; known presets: {known}")
+    path = preset_file(name, presets)
     changed = []
-    for section, values in load_preset(preset_file).items():
+    for section, values in load_preset(path).items():
         if section not in params:
-            raise SystemExit(f"{preset_file}: unknown section {section!r}")
+            raise SystemExit(f"{path}: unknown section {section!r}")
         for key, value in values.items():
             if params[section].get(key) != value:
                 params[section][key] = value
