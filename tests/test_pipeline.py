@@ -225,9 +225,9 @@ def test_a_failed_train_run_leaves_the_training_metrics_to_the_next(repo):
     tsv = repo.path / "metrics" / "train.tsv"
     before, before_json = tsv.read_text(), repo.metrics("train")
     good_batch = yaml.safe_load((repo.path / "params.yaml").read_text())["train"]["global_batch"]
-    repo.set_params({"train": {"global_batch": 100}})
+    repo.set_params({"train": {"global_batch": 0}})
     failed = repo.run("dvc", "repro", "train", check=False)
-    assert failed.returncode != 0 and "global_batch=100" in failed.stdout + failed.stderr
+    assert failed.returncode != 0 and "global_batch=0: must be a positive integer" in failed.stdout + failed.stderr
     repo.set_params({"train": {"global_batch": good_batch}})
     result = repo.run("dvc", "repro")
     assert "Running stage 'train'" in result.stdout

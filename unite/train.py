@@ -197,11 +197,12 @@ def _train(cfg: TrainConfig, runtime: Runtime, recipe: Recipe, data: BatchSource
     window = LogWindow(step)
     last_checkpoint = resume_from
 
-    def settle(done: int, epoch: int, pending: PendingStep, stopping: bool) -> bool:
-        """Acts on the values of step `done` (read after the next step was queued, or at a
-        checkpoint or the end): the skip count and non-finite streak, and the metrics row; the
-        row is due also when the run stops after this step (`stopping`, or this step's own stop
-        request). Returns the stop request."""
+    def settle(done: int, epoch: int, pending: PendingStep, stopping: bool, newest: bool) -> bool:
+        """Acts on the values of step `done` (read after the next step was queued, or, `newest`,
+        at a checkpoint or the end with no later step queued): the skip count and non-finite
+        streak, and the metrics row; the row is due also when the run stops after this step
+        (`stopping`, or the newest step's own stop request: a step read late is not the last,
+        the run stops after the next one). Returns the stop request."""
         nonlocal skipped, streak, window
         result = pending.result()
         if result.applied:
@@ -219,7 +220,8 @@ def _train(cfg: TrainConfig, runtime: Runtime, recipe: Recipe, data: BatchSource
                     f"norm (max_nonfinite={cfg.max_nonfinite}); training stopped. Last good "
                     f"checkpoint: {kept}"
                 )
-        if runtime.is_main and (done % cfg.log_every == 0 or done == cfg.max_steps or stopping or result.stop):
+        if runtime.is_main and (done % cfg.log_every == 0 or done == cfg.max_steps or stopping
+                                or (newest and result.stop)):
             elapsed = time.perf_counter() - window.start
             row = {"step": done, "epoch": epoch, **window.means(), "lr": engine.lr_at(done - 1),
                    "images_per_s": (done - window.first_step) * cfg.global_batch / elapsed,
@@ -243,10 +245,10 @@ def _train(cfg: TrainConfig, runtime: Runtime, recipe: Recipe, data: BatchSource
             step += 1
             bar.update(1)
             if pending is not None:
-                stop = settle(*pending, stopping=False)
+                stop = settle(*pending, stopping=False, newest=False)
             pending = (step, position.epoch, queued)
             if stop or step == cfg.max_steps or step % cfg.checkpoint_every == 0:
-                stop = settle(*pending, stopping=stop) or stop
+                stop = settle(*pending, stopping=stop, newest=True) or stop
                 pending = None
                 if stop or step == cfg.max_steps or (step % cfg.checkpoint_every == 0 and streak == 0):
                     last_checkpoint = write_checkpoint()
