@@ -246,3 +246,45 @@ def test_a_corrupt_source_image_is_reported_and_the_pipeline_finishes(repo):
     assert "broken.png" in skipped
     assert repo.metrics("shard")["train"]["skipped"] == 1
     assert repo.metrics("eval")["generation"]["num_images"] == 20
+
+
+def test_reverted_params_restore_sweep_evaluate_and_report_from_the_run_cache(repo):
+    """A sweep param and an evaluate param, each changed and changed back: on the way back DVC's
+    run-cache restores every stage after training, byte for byte, and none of them runs."""
+    outputs = ["metrics/sweep.json", "metrics/sweep.tsv", "metrics/eval.json", "samples/images.npz",
+               "reports/report.html"]
+    params = yaml.safe_load((repo.path / "params.yaml").read_text())
+    for section, key, other in [("sweep", "seed", params["sweep"]["seed"] + 1),
+                                ("evaluate", "grid_per_class", params["evaluate"]["grid_per_class"] + 1)]:
+        before = {path: (repo.path / path).read_bytes() for path in outputs}
+        repo.set_params({section: {key: other}})
+        changed = repo.run("dvc", "repro")
+        assert f"Running stage '{section}'" in changed.stdout, changed.stdout
+        repo.set_params({section: {key: params[section][key]}})
+        back = repo.run("dvc", "repro")
+        assert "Running stage" not in back.stdout, back.stdout
+        rerun = ["sweep", "evaluate", "report"] if section == "sweep" else ["evaluate", "report"]
+        for stage in rerun:
+            assert f"Stage '{stage}' is cached - skipping run" in back.stdout, (stage, back.stdout)
+        assert {path: (repo.path / path).read_bytes() for path in outputs} == before
+
+
+def test_results_pushed_to_a_remote_are_pulled_into_a_fresh_clone_with_nothing_to_rerun(repo, tmp_path):
+    """The README's sharing journey: a DVC remote in a local folder, `dvc push` and a git commit of
+    the lock file and metrics; a second clone `dvc pull`s the export, metrics, samples and report,
+    and its `dvc repro` has nothing to do. Last in this module: it commits the workspace."""
+    repo.run("dvc", "remote", "add", "-d", "shared", str(tmp_path / "remote"))
+    repo.run("dvc", "push")
+    repo.run("git", "add", "-A")
+    repo.run("git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "results")
+    clone = Repo(tmp_path / "clone")
+    repo.run("git", "clone", "-q", str(repo.path), str(clone.path))
+    pulled = ["models/final.pt", "models/unite-ema.safetensors", "models/unite-ema.json", "metrics/train.tsv",
+              "metrics/sweep.tsv", "samples/images.npz", "samples/grid.png", "reports/report.html"]
+    assert not any((clone.path / path).exists() for path in pulled)
+    clone.run("dvc", "pull")
+    for path in pulled + ["metrics/train.json", "metrics/sweep.json", "metrics/eval.json"]:
+        assert (clone.path / path).read_bytes() == (repo.path / path).read_bytes(), path
+    result = clone.run("dvc", "repro")
+    assert "Running stage" not in result.stdout and "is cached" not in result.stdout, result.stdout
+    assert "Data and pipelines are up to date." in result.stdout
