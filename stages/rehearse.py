@@ -5,8 +5,8 @@
     python -m stages.rehearse unite-b-release --true-size --nproc 8 --nnodes 1 --json   # dry run at true size
 
 In a temporary copy of this repository (the workspace's params and data, and the machine's
-checkpoint store, are never touched), it runs exactly what a user runs for the real thing, `python -m stages.preset NAME` and
-`dvc repro`, with only the sizes shrunk (model widths and depths, image size, class count, image
+checkpoint store, are never touched), it runs exactly what a user runs for the real thing,
+`python -m stages.preset NAME` and `dvc repro`, with only the sizes shrunk (model widths and depths, image size, class count, image
 counts, steps, batch sizes, process counts): every other setting and code path stays, so a preset
 that would stop after hours of sharding or days of training stops here in minutes.
 
