@@ -309,14 +309,15 @@ def resolve_resume(cfg: TrainConfig, checkpoint_dir: Path) -> tuple[Path, dict[s
     return path, state
 
 
-# Settings of a run that are paths, not part of what it trains.
-_PATH_KEYS = frozenset({"out_dir", "live_metrics", "resume"})
+# Keys a segment leaves out of its settings: paths and display, nothing of what a run trains; the
+# world size has a field of its own.
+_UNRECORDED = frozenset({"out_dir", "live_metrics", "resume", "progress", "world_size"})
 
 
 def _segment(cfg: TrainConfig, resolved: dict[str, Any], start: int) -> dict[str, Any]:
     """This run's entry in the checkpoint's history ("to_step" is added at each checkpoint): what
     may differ between the runs that wrote one model, so that a result can be traced to them."""
-    settings = {key: resolved[key] for key in sorted(RESUME_MAY_CHANGE - _PATH_KEYS) if key in resolved}
+    settings = {key: resolved[key] for key in sorted(RESUME_MAY_CHANGE - _UNRECORDED) if key in resolved}
     if "num_workers" in cfg.data.get("options", {}):
         settings["num_workers"] = cfg.data["options"]["num_workers"]
     return {"from_step": start, "world_size": resolved["world_size"], "settings": settings,
