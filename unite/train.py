@@ -198,7 +198,8 @@ def _train(cfg: TrainConfig, runtime: Runtime, recipe: Recipe, data: BatchSource
             state = {**engine.state_dict(), "step": step, "epoch": position.epoch,
                      "data_position": dataclasses.asdict(position), "rng": rng,
                      "skipped_steps": skipped, "nonfinite_streak": streak, "config": resolved,
-                     "history": [*history, {**segment, "to_step": step}]}
+                     "history": [*history, {**segment, "to_step": step}],
+                     "metrics_row": metrics.latest if metrics.latest and metrics.latest["step"] == step else None}
             save_checkpoint(state, checkpoint_dir, step, cfg.keep_last, milestone=step == cfg.max_steps)
         if world > 1:
             dist.barrier()
@@ -331,7 +332,8 @@ def _reached(cfg: TrainConfig, runtime: Runtime, checkpoint: Path, state: dict[s
     if runtime.is_main:
         if checkpoint.parent == checkpoint_dir:
             mark_milestone(checkpoint_dir, cfg.max_steps)
-        MetricsLog(Path(cfg.out_dir), cfg.max_steps, cfg.max_steps, cfg.live_metrics, live_only=True)
+        MetricsLog(Path(cfg.out_dir), cfg.max_steps, cfg.max_steps, cfg.live_metrics, live_only=True,
+                   row=state.get("metrics_row"))
         print(f"unite.train: {checkpoint} is the model at max_steps={cfg.max_steps}: nothing to train",
               file=sys.stderr)
     return TrainResult(cfg.max_steps, checkpoint, state["skipped_steps"])
