@@ -4,9 +4,9 @@
     python -m stages.rehearse --all              # every preset in presets/
     python -m stages.rehearse unite-b-release --true-size --nproc 8 --nnodes 1 --json   # dry run at true size
 
-In a temporary copy of this repository (the workspace's params, data and checkpoints are never
-touched), it runs exactly what a user runs for the real thing, `python -m stages.preset NAME` and
-`dvc repro`, with only the sizes shrunk (model widths and depths, image size, class count, image
+In a temporary copy of this repository (the workspace's params and data, and the machine's
+checkpoint store, are never touched), it runs exactly what a user runs for the real thing,
+`python -m stages.preset NAME` and `dvc repro`, with only the sizes shrunk (model widths and depths, image size, class count, image
 counts, steps, batch sizes, process counts): every other setting and code path stays, so a preset
 that would stop after hours of sharding or days of training stops here in minutes.
 
@@ -174,7 +174,8 @@ def rehearse(preset: str, workdir: Path, nproc: int = 2, device: str = "auto") -
     copy_repository(repo)
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           "TORCH_HOME": str(cache / "torch"), "INCEPTION_WEIGHTS": str(cache / "inception-random.pth")}
+           "TORCH_HOME": str(cache / "torch"), "INCEPTION_WEIGHTS": str(cache / "inception-random.pth"),
+           "UNITE_CHECKPOINT_STORE": str(workdir / "checkpoint-store")}  # never the machine's store
     env.setdefault("OMP_NUM_THREADS", "1")  # several ranks and loader workers share a few cores
     run([sys.executable, "-m", "stages.preset", preset], repo, env)
 

@@ -13,7 +13,8 @@ from stages.launch import StageArguments, run_stage
 from stages.params import load_stage_params
 from unite.evaluation import load_exported_model, reconstruct
 from unite.provenance import device_name, git_state, package_versions, params_hash
-from unite.report import cfg_figure, curve_figure, enlarged, read_table, reconstruction_grid, render_report
+from unite.report import (cfg_figure, curve_figure, enlarged, history_table, read_table, reconstruction_grid,
+                          render_report)
 
 RECON_IMAGES = 16  # the first validation images, in shard order
 FIGURES = {
@@ -80,7 +81,9 @@ def main(argv: list[str] | None = None) -> None:
          "evaluate": json.loads(args.eval.read_text())},
         figures,
         provenance,
-        tables={"CFG sweep points": (list(sweep_rows[0]), [list(row.values()) for row in sweep_rows])},
+        tables={"Training runs that made the model": history_table(
+                    json.loads(args.model.with_suffix(".json").read_text()).get("history", [])),
+                "CFG sweep points": (list(sweep_rows[0]), [list(row.values()) for row in sweep_rows])},
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(page)

@@ -1,16 +1,29 @@
-"""Shared test helpers: the reference fixture location and small model configs."""
+"""Shared test helpers: the reference fixture location, small model configs, and a checkpoint
+store of each test module's own."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
+from stages.train import STORE_ENV
 from unite.config import ModelConfig, model_config
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 PARITY_FIXTURE = FIXTURES / "unite_parity_a.pt"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def checkpoint_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every training the module's tests start, in any process they spawn, writes to this
+    module's own checkpoint store: never the user's, never another module's."""
+    store = tmp_path_factory.mktemp("checkpoint-store")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(STORE_ENV, str(store))
+        yield store
 
 
 @pytest.fixture(scope="session")

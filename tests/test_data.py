@@ -778,3 +778,19 @@ def test_demo_folder_is_deterministic_stratified_and_shards_end_to_end(tmp_path)
     batches = _epoch(shard_loader(tmp_path / "shards", 64, train=False, num_workers=2))
     assert sum(len(b.keys) for b in batches) == 360
     assert sorted({int(y) for b in batches for y in b.labels}) == list(range(10))
+
+
+def test_a_copy_of_the_workspace_elsewhere_shards_to_the_same_index_bytes(tmp_path):
+    """A queued or `--temp` experiment may shard again in a copy of the workspace at another path:
+    the index must come out byte for byte the same (over several shard workers), since the train
+    stage's key in the checkpoint store hashes it (stages.train.run_directory); otherwise such an
+    experiment would miss the run and train afresh."""
+    make_folder(tmp_path / "workspace" / "raw", {"a": 12, "b": 12})
+    shutil.copytree(tmp_path / "workspace", tmp_path / "elsewhere" / "copy")
+    indexes = []
+    for root in (tmp_path / "workspace", tmp_path / "elsewhere" / "copy"):
+        write_manifest(root / "raw", root / "manifest.tsv", progress=False)
+        write_shards(root / "raw", root / "manifest.tsv", root / "shards", image_size=SIZE, shard_size=4, workers=2,
+                     progress=False)
+        indexes.append(root / "shards" / "index.json")
+    assert indexes[0].read_bytes() == indexes[1].read_bytes()

@@ -134,22 +134,27 @@ def test_a_missing_weights_file_is_one_line(tmp_path: Path) -> None:
     assert line.startswith("error: fid_ref: ") and "/nowhere/fid.pth" in line
 
 
-def test_no_readable_checkpoint_stops_training_in_one_line(tmp_path: Path) -> None:
+def test_no_readable_checkpoint_stops_training_in_one_line(tmp_path: Path, checkpoint_store: Path) -> None:
+    """A run an earlier version kept in the workspace (checkpoints/<hash>) moves to the store,
+    where its only checkpoint, cut short, stops training with one line naming the store's folder."""
     workspace = _workspace(tmp_path, {"max_steps": 2})
     for stage in ("demo_data", "manifest", "shard"):
         assert _stage(workspace, stage).returncode == 0
     from stages.train import run_directory
 
     section = yaml.safe_load((workspace / "params.yaml").read_text())["train"]
-    run_dir = workspace / run_directory(Path("checkpoints"), section, workspace / "data/shards/train/index.json")
-    (run_dir / "checkpoints").mkdir(parents=True)
-    (run_dir / "checkpoints" / "step_00000001.pt").write_bytes(b"cut short")
+    legacy = run_directory(workspace / "checkpoints", section, workspace / "data/shards/train/index.json")
+    (legacy / "checkpoints").mkdir(parents=True)
+    (legacy / "checkpoints" / "step_00000001.pt").write_bytes(b"cut short")
     result = _stage(workspace, "train")
     output = (result.stdout + result.stderr).strip()
     assert result.returncode == 1, output
     assert "Traceback" not in output
+    run_dir = checkpoint_store / legacy.name
+    assert f"moved this recipe's run from checkpoints/{legacy.name} to the checkpoint store: {run_dir}" in output
+    assert not legacy.exists() and (run_dir / "checkpoints" / "step_00000001.pt.unreadable").is_file()
     last = output.splitlines()[-1]
-    assert last.startswith("error: train: ") and str(run_dir.relative_to(workspace)) in last and "read" in last
+    assert last.startswith("error: train: ") and str(run_dir) in last and "read" in last
 
 
 def test_run_stage_turns_an_expected_failure_into_one_line(capsys: pytest.CaptureFixture[str]) -> None:

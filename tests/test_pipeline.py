@@ -1,7 +1,8 @@
 """The real DVC pipeline on the demo, shrunk to a handful of steps and samples, in a temporary copy
 of the repository: a full `dvc repro`, a no-op rerun, an evaluation-only change, a SIGKILL of the
 train stage followed by a resuming rerun (training metrics readable mid-run, no row lost or repeated),
-a failed train run followed by a good one, and a corrupt source image."""
+a failed train run followed by a good one, a corrupt source image, queued evaluation-only experiments
+that find the run in the checkpoint store, and max_steps raised and set back."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import yaml
 
 from stages.preset import merge_params
 from stages.rehearse import copy_files
+from stages.train import STORE_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -105,6 +107,64 @@ def test_second_repro_runs_nothing(repo):
     assert "Data and pipelines are up to date." in result.stdout
 
 
+def test_queued_evaluation_only_experiments_train_nothing(repo):
+    """`dvc exp run --queue` twice, then DVC's queue worker (`dvc queue start -j 1`), in the
+    newcomer state (dvc.lock never committed): each experiment runs in a temporary copy of the
+    workspace, finds the recipe's run in the checkpoint store and trains nothing."""
+    store = Path(repo.env[STORE_ENV])
+    checkpoints = {path: path.stat().st_mtime_ns for path in store.rglob("step_*.pt")}
+    assert checkpoints
+    params = (repo.path / "params.yaml").read_text()
+    repo.run("git", "config", "user.name", "test")  # experiments are commits
+    repo.run("git", "config", "user.email", "test@example.com")
+    experiments = {"eval-14": "evaluate.num_images=14", "sweep-14": "sweep.num_images=14"}
+    for name, change in experiments.items():
+        repo.run("dvc", "exp", "run", "--queue", "-n", name, "-S", change)
+    start = time.monotonic()
+    repo.run("dvc", "queue", "start", "-j", "1")
+    deadline = start + 900
+    while time.monotonic() < deadline:
+        status = repo.run("dvc", "queue", "status").stdout
+        if not re.search(r"\b(Queued|Running)\b", status):
+            break
+        time.sleep(2)
+    print(f"\ntwo queued evaluation-only experiments, tiny params: {time.monotonic() - start:.0f} s")
+    logs = {name: repo.run("dvc", "queue", "logs", name, check=False) for name in experiments}
+    for name in experiments:
+        assert re.search(rf"\b{name}\b.*\bSuccess\b", status), (status, logs[name].stdout)
+        log = logs[name].stdout + logs[name].stderr
+        assert "Running stage 'train'" in log and "nothing to train" in log, log
+        assert "starting from scratch" not in log and "resuming from" not in log, log
+    assert {path: path.stat().st_mtime_ns for path in store.rglob("step_*.pt")} == checkpoints
+    shown = json.loads(repo.run("dvc", "exp", "show", "--json").stdout)
+    results = {exp["name"]: exp["revs"][0]["data"] for base in shown for exp in base.get("experiments") or []}
+    for name in experiments:
+        assert results[name]["metrics"]["metrics/train.json"]["data"]["step"] == 4
+    assert results["eval-14"]["metrics"]["metrics/eval.json"]["data"]["generation"]["num_images"] == 14
+    assert (repo.path / "params.yaml").read_text() == params  # queued runs leave the workspace as it was
+
+
+def test_max_steps_raised_then_set_back_gives_the_first_model_again(repo):
+    """Training on to a higher max_steps and setting it back: the train stage trains nothing, the
+    model and its export are the first ones byte for byte, and the stages after them stay put."""
+    outputs = ("models/final.pt", "models/unite-ema.safetensors", "models/unite-ema.json")
+    first = {name: (repo.path / name).read_bytes() for name in outputs}
+    repo.set_params({"train": {"max_steps": 6}})
+    repo.run("dvc", "repro", "export")
+    assert repo.metrics("train")["step"] == 6
+    assert (repo.path / "models/final.pt").read_bytes() != first["models/final.pt"]
+    repo.set_params({"train": {"max_steps": 4}})
+    result = repo.run("dvc", "repro")
+    assert "nothing to train" in result.stdout + result.stderr, result.stdout + result.stderr
+    for name in outputs:
+        assert (repo.path / name).read_bytes() == first[name], name
+    assert repo.metrics("train")["step"] == 4 and repo.logged_steps() == [2, 4]
+    for stage in ("sweep", "evaluate", "report"):  # their inputs are the first ones again
+        assert f"Running stage '{stage}'" not in result.stdout, stage
+    history = json.loads((repo.path / "models/unite-ema.json").read_text())["history"]
+    assert [(s["from_step"], s["to_step"], s["world_size"]) for s in history] == [(0, 4, 1)]
+
+
 def test_plots_and_the_report_render_offline(repo, tmp_path):
     """`dvc plots show`, and `dvc plots diff` of two experiments, write pages that load nothing from
     the network and show every declared image plot as a PNG; reports/report.html embeds its figures."""
@@ -186,7 +246,7 @@ def test_a_killed_train_stage_resumes(repo, tmp_path):
     with open(first_log, "w") as log_file:
         process = subprocess.Popen(["dvc", "repro", "train"], cwd=repo.path, env=repo.env, start_new_session=True,
                                    stdout=log_file, stderr=subprocess.STDOUT)
-    checkpoints = repo.path / "checkpoints"
+    checkpoints = Path(repo.env[STORE_ENV])
 
     def latest_step() -> int:
         return max((int(path.stem.split("_")[1]) for path in checkpoints.glob("*/checkpoints/step_*.pt")), default=0)

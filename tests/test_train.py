@@ -8,6 +8,7 @@ import copy
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
 from unite.batches import DataPosition, IterableSource, TensorBatches, micro_batches, synthetic_images
-from unite.checkpoint import list_checkpoints, load_checkpoint
+from unite.checkpoint import export_ema, list_checkpoints, load_checkpoint, milestones
 from unite.config import ConfigError, model_config
 from unite.data.loaders import shard_loader
 from unite.data.manifest import write_manifest
@@ -346,6 +347,44 @@ def test_checkpoints_keep_last_and_hold_the_recipe_keys(tmp_path: Path) -> None:
     assert {"model", "ema", "optimizer", "scheduler", "optimizer_muon", "scheduler_muon", "step", "epoch",
             "data_position", "rng", "config"} <= state.keys()
     assert state["config"]["world_size"] == 1
+
+
+def test_the_model_at_max_steps_is_kept_and_returned_exactly(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """max_steps 2, then 4, then 2 again, then 3: the step-2 checkpoint outlives keep_last=1 and
+    comes back unchanged with no training; 3 resumes from 2, the newest at or below it. The
+    checkpoints and the export hold each run's segment."""
+    live = tmp_path / "live" / "train"
+
+    def run(max_steps: int, **overrides: Any):
+        return train(train_config(tmp_path, max_steps=max_steps, checkpoint_every=1, keep_last=1,
+                                  live_metrics=str(live), **overrides))
+
+    two = run(2).checkpoint
+    first_bytes, first_json = two.read_bytes(), live.with_suffix(".json").read_text()
+    four = run(4, log_every=2).checkpoint
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_00000002.pt", "step_00000004.pt"]
+    assert milestones(tmp_path / "checkpoints") == {2, 4}
+    capsys.readouterr()
+
+    again = run(2)
+    assert again.checkpoint == two and two.read_bytes() == first_bytes
+    assert "nothing to train" in capsys.readouterr().err
+    assert [int(line.split("\t")[0]) for line in live.with_suffix(".tsv").read_text().splitlines()[1:]] == [1, 2]
+    assert live.with_suffix(".json").read_text() == first_json  # the row as logged, not as the table rounds it
+    assert [int(r["step"]) for r in metric_rows(tmp_path)] == [1, 2, 4]  # the run folder keeps step 4's row
+
+    run(3)
+    assert re.search(r"resuming from \S+step_00000002\.pt at step 2", capsys.readouterr().err)
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == [
+        "step_00000002.pt", "step_00000003.pt", "step_00000004.pt"]
+
+    history = load_checkpoint(four)["history"]
+    assert [(s["from_step"], s["to_step"], s["world_size"], s["settings"]["log_every"]) for s in history] == [
+        (0, 2, 1, 1), (2, 4, 1, 2)]
+    assert all(s["settings"]["max_steps"] == m for s, m in zip(history, (2, 4)))
+    assert all(isinstance(s["code_version"], str) and s["code_version"] for s in history)
+    _, exported = export_ema(four, tmp_path / "export" / "ema.safetensors")
+    assert json.loads(exported.read_text())["history"] == history
 
 
 def test_a_checkpoint_whose_config_holds_the_retired_initial_cfg_scale_resumes(tmp_path: Path) -> None:

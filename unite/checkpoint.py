@@ -1,6 +1,8 @@
 """Training checkpoints: atomic files, keep-last-N, random-state capture, EMA export.
 
-A checkpoint is `<dir>/step_<step>.pt`. It is written to a temporary name in the same folder,
+A checkpoint is `<dir>/step_<step>.pt`. The checkpoint at every `max_steps` a run reached is a
+milestone (listed in `<dir>/milestones.json`): keep-last-N pruning never deletes it, so that a
+run asked for that step again finds that exact model. A checkpoint is written to a temporary name in the same folder,
 synced to disk and renamed, so a crash mid-write leaves at most a `*.tmp` file, which
 `latest_checkpoint` never picks and the next save removes. A checkpoint that cannot be read
 anyway (a disk fault, a copy cut short) is renamed `*.pt.unreadable` by `load_newest_readable`,
@@ -30,6 +32,7 @@ from unite.config import ModelConfig
 from unite.safe_load import UntrustedPickleError, load_torch_file, trust_pickle_from_env
 
 _NAME = re.compile(r"^step_(\d+)\.pt$")
+MILESTONES_FILE = "milestones.json"
 _TMP_SUFFIX = ".tmp"
 UNREADABLE_SUFFIX = ".unreadable"
 
@@ -51,15 +54,41 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def latest_checkpoint(directory: str | Path) -> Path | None:
-    """The complete checkpoint with the highest step, or None when there is none."""
-    found = list_checkpoints(directory)
+def checkpoint_step(path: Path) -> int:
+    """The step of a checkpoint file, from its name."""
+    match = _NAME.match(path.name)
+    if match is None:
+        raise ValueError(f"{path}: not a checkpoint name (step_<step>.pt)")
+    return int(match.group(1))
+
+
+def latest_checkpoint(directory: str | Path, max_step: int | None = None) -> Path | None:
+    """The complete checkpoint with the highest step (at most `max_step` when given), or None."""
+    found = [p for p in list_checkpoints(directory) if max_step is None or checkpoint_step(p) <= max_step]
     return found[-1] if found else None
 
 
-def save_checkpoint(state: dict[str, Any], directory: str | Path, step: int, keep_last: int) -> Path:
-    """Write `state` as the checkpoint of `step` atomically, then delete all but the newest
-    `keep_last` checkpoints and any temporary file a killed writer left behind."""
+def milestones(directory: str | Path) -> set[int]:
+    """The steps whose checkpoints pruning keeps: each `max_steps` a run reached."""
+    path = Path(directory) / MILESTONES_FILE
+    return set(json.loads(path.read_text())) if path.is_file() else set()
+
+
+def mark_milestone(directory: str | Path, step: int) -> None:
+    """Record `step` as a milestone of `directory` (atomically: a reader sees the old or new list)."""
+    directory = Path(directory)
+    kept = milestones(directory)
+    if step not in kept:
+        listing = directory / f".{MILESTONES_FILE}.{os.getpid()}{_TMP_SUFFIX}"
+        listing.write_text(json.dumps(sorted(kept | {step})) + "\n")
+        os.replace(listing, directory / MILESTONES_FILE)
+
+
+def save_checkpoint(state: dict[str, Any], directory: str | Path, step: int, keep_last: int,
+                    milestone: bool = False) -> Path:
+    """Write `state` as the checkpoint of `step` atomically (recorded as a milestone when asked),
+    then delete all but the newest `keep_last` checkpoints, milestones apart, and any temporary
+    file a killed writer left behind."""
     if keep_last < 1:
         raise ValueError(f"keep_last={keep_last}: must be >= 1")
     directory = Path(directory)
@@ -73,9 +102,13 @@ def save_checkpoint(state: dict[str, Any], directory: str | Path, step: int, kee
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, final)
+    if milestone:
+        mark_milestone(directory, step)
     _fsync_directory(directory)
+    kept = milestones(directory)
     for old in list_checkpoints(directory)[:-keep_last]:
-        old.unlink()
+        if checkpoint_step(old) not in kept:
+            old.unlink()
     return final
 
 
@@ -159,12 +192,12 @@ def set_aside(path: Path) -> Path:
 
 
 def load_newest_readable(
-    directory: str | Path, warn: Callable[[str], None]
+    directory: str | Path, warn: Callable[[str], None], max_step: int | None = None
 ) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint of `directory` that loads, with its contents; None when the folder
-    holds no checkpoint. Each newer one that fails to load is set aside, with one `warn` line.
-    Raises CheckpointError when none loads."""
-    found = list_checkpoints(directory)
+    """The newest checkpoint of `directory` (at most at `max_step` when given) that loads, with
+    its contents; None when the folder holds no such checkpoint. Each newer one that fails to load
+    is set aside, with one `warn` line. Raises CheckpointError when none loads."""
+    found = [p for p in list_checkpoints(directory) if max_step is None or checkpoint_step(p) <= max_step]
     moved = []
     for path in reversed(found):
         try:
@@ -229,7 +262,8 @@ def _as_tuples(value: Any) -> Any:
 
 def export_ema(checkpoint: str | Path, out_path: str | Path) -> tuple[Path, Path]:
     """Write the EMA weights of a training checkpoint as `out_path` (safetensors) and the model
-    config next to it (same name, .json), for sampling without the training state."""
+    config next to it (same name, .json), for sampling without the training state. Both hold the
+    run's history (the checkpoint's segments: steps, GPU count, settings, code version)."""
     state = load_checkpoint(checkpoint)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -239,6 +273,7 @@ def export_ema(checkpoint: str | Path, out_path: str | Path) -> tuple[Path, Path
         "epoch": state["epoch"],
         "ema_decay": state["config"]["ema_decay"],
         "source_checkpoint": str(checkpoint),
+        "history": state.get("history", []),
     }
     save_file(exported_tensors(state["ema"]), str(out_path), metadata={"unite": json.dumps(info)})
     json_path = out_path.with_suffix(".json")

@@ -187,6 +187,15 @@ figcaption { font-size: 0.9em; color: #555; }
 """
 
 
+def history_table(history: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """The training runs that made the model, one row per segment of its checkpoint's history."""
+    header = ["from step", "to step", "GPUs (world size)", "settings", "code version"]
+    rows = [[segment["from_step"], segment["to_step"], segment["world_size"],
+             ", ".join(f"{key}={value}" for key, value in segment["settings"].items()), segment["code_version"]]
+            for segment in history]
+    return header, rows
+
+
 def render_report(
     title: str,
     params: Mapping[str, Any],

@@ -12,6 +12,12 @@ Muon and AdamW and updates the EMA. Outputs in `out_dir`: `checkpoints/step_*.pt
 `metrics.tsv` (one row per log interval) and `metrics.json` (the latest row), both rewritten
 atomically at every row, and mirrored to `<live_metrics>.tsv/.json` when that key is set.
 
+The model at `max_steps`, exactly: a run resumes from the newest checkpoint at or below
+`max_steps`, and the checkpoint at `max_steps` is kept as a milestone (never pruned), so asking
+again for an earlier `max_steps` returns that very checkpoint and trains nothing. A checkpoint
+holds the run's history: one segment per run that wrote to it (steps from and to, world size,
+the settings that may change on resume, code version).
+
 Exact resume: a checkpoint holds the model, EMA, optimizers, schedulers, every rank's random
 states and the data position (epoch, micro-batches consumed in it). The batch source must give
 the same batches for the same (epoch, skip), e.g. by seeding its shuffle and augmentation from
@@ -69,6 +75,7 @@ from unite.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     load_newest_readable,
+    mark_milestone,
     restore_rng_state,
     save_checkpoint,
 )
@@ -76,6 +83,7 @@ from unite.config import ConfigError
 from unite.distributed import Runtime, close_runtime, init_runtime
 from unite.model import UNITE
 from unite.optim import LRSchedule
+from unite.provenance import git_state
 from unite.safe_load import UntrustedPickleError
 from unite.train_config import RESUME_MAY_CHANGE, RETIRED_KEYS, Recipe, TrainConfig, load_config, recipe_for
 from unite.train_log import LogWindow, MetricsLog
@@ -143,6 +151,10 @@ def _train(cfg: TrainConfig, runtime: Runtime, recipe: Recipe, data: BatchSource
                 "lr_schedule_steps": dataclasses.asdict(recipe.schedule)}
     if state is not None:
         check_resume_config(state["config"], resolved, resume_from)
+        if state["step"] == cfg.max_steps:
+            return _reached(cfg, runtime, resume_from, state, checkpoint_dir)
+    history = state.get("history", []) if state is not None else []
+    segment = _segment(cfg, resolved, state["step"] if state is not None else 0) if runtime.is_main else {}
     source = build_batch_source(cfg, rank, world) if data is None else as_batch_source(data)
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -185,8 +197,10 @@ def _train(cfg: TrainConfig, runtime: Runtime, recipe: Recipe, data: BatchSource
         if runtime.is_main:
             state = {**engine.state_dict(), "step": step, "epoch": position.epoch,
                      "data_position": dataclasses.asdict(position), "rng": rng,
-                     "skipped_steps": skipped, "nonfinite_streak": streak, "config": resolved}
-            save_checkpoint(state, checkpoint_dir, step, cfg.keep_last)
+                     "skipped_steps": skipped, "nonfinite_streak": streak, "config": resolved,
+                     "history": [*history, {**segment, "to_step": step}],
+                     "metrics_row": metrics.latest if metrics.latest and metrics.latest["step"] == step else None}
+            save_checkpoint(state, checkpoint_dir, step, cfg.keep_last, milestone=step == cfg.max_steps)
         if world > 1:
             dist.barrier()
         return checkpoint_path(checkpoint_dir, step)
@@ -266,28 +280,63 @@ def _train(cfg: TrainConfig, runtime: Runtime, recipe: Recipe, data: BatchSource
 # ------------------------------------------------------------------------------ resume
 def resolve_resume(cfg: TrainConfig, checkpoint_dir: Path) -> tuple[Path, dict[str, Any]] | None:
     """The checkpoint to resume from and its contents: `resume: auto` takes the newest readable
-    one in out_dir (None: fresh start); a file or folder given explicitly must exist and hold a
-    checkpoint. In a folder, newer checkpoints that cannot be read are set aside with a warning."""
+    one at or below max_steps in out_dir (None: fresh start); a file or folder given explicitly
+    must exist and hold such a checkpoint. In a folder, newer checkpoints that cannot be read are
+    set aside with a warning."""
 
     def warn(line: str) -> None:
         print(f"unite.train: warning: {line}", file=sys.stderr)
 
     if cfg.resume == "auto":
-        return load_newest_readable(checkpoint_dir, warn)
+        return load_newest_readable(checkpoint_dir, warn, cfg.max_steps)
     path = Path(cfg.resume)
     if path.is_dir():
-        found = load_newest_readable(path, warn)
+        found = load_newest_readable(path, warn, cfg.max_steps)
         if found is None:
             raise FileNotFoundError(
-                f"resume={cfg.resume!r}: the folder holds no complete checkpoint (step_*.pt)"
+                f"resume={cfg.resume!r}: the folder holds no complete checkpoint (step_*.pt) at or below "
+                f"max_steps={cfg.max_steps}"
             )
         return found
     if not path.is_file():
         raise FileNotFoundError(f"resume={cfg.resume!r}: no such checkpoint file or folder")
     try:
-        return path, load_checkpoint(path)
+        state = load_checkpoint(path)
     except ValueError as error:
         raise CheckpointError(f"resume={cfg.resume!r}: {error}") from None
+    if state["step"] > cfg.max_steps:
+        raise ConfigError(f"resume={cfg.resume!r}: the checkpoint is at step {state['step']}, beyond "
+                          f"max_steps={cfg.max_steps}; resume from an earlier checkpoint or raise max_steps")
+    return path, state
+
+
+# Keys a segment leaves out of its settings: paths and display, nothing of what a run trains; the
+# world size has a field of its own.
+_UNRECORDED = frozenset({"out_dir", "live_metrics", "resume", "progress", "world_size"})
+
+
+def _segment(cfg: TrainConfig, resolved: dict[str, Any], start: int) -> dict[str, Any]:
+    """This run's entry in the checkpoint's history ("to_step" is added at each checkpoint): what
+    may differ between the runs that wrote one model, so that a result can be traced to them."""
+    settings = {key: resolved[key] for key in sorted(RESUME_MAY_CHANGE - _UNRECORDED) if key in resolved}
+    if "num_workers" in cfg.data.get("options", {}):
+        settings["num_workers"] = cfg.data["options"]["num_workers"]
+    return {"from_step": start, "world_size": resolved["world_size"], "settings": settings,
+            "code_version": git_state(), "torch": str(torch.__version__)}
+
+
+def _reached(cfg: TrainConfig, runtime: Runtime, checkpoint: Path, state: dict[str, Any],
+             checkpoint_dir: Path) -> TrainResult:
+    """The checkpoint at max_steps exists: it is the model asked for, so nothing is trained. The
+    live metrics show the rows up to this step; the run folder keeps its later rows."""
+    if runtime.is_main:
+        if checkpoint.parent == checkpoint_dir:
+            mark_milestone(checkpoint_dir, cfg.max_steps)
+        MetricsLog(Path(cfg.out_dir), cfg.max_steps, cfg.max_steps, cfg.live_metrics, live_only=True,
+                   row=state.get("metrics_row"))
+        print(f"unite.train: {checkpoint} is the model at max_steps={cfg.max_steps}: nothing to train",
+              file=sys.stderr)
+    return TrainResult(cfg.max_steps, checkpoint, state["skipped_steps"])
 
 
 def check_resume_config(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:

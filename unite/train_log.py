@@ -21,10 +21,14 @@ class MetricsLog:
     `max_steps` in `metrics.json` (for `dvc metrics` and progress displays), in `out_dir` and at
     the `live` stem. Every row rewrites the files atomically, so a reader never sees half a row.
     A resumed run keeps the rows up to its starting step and drops later ones (logged after
-    that checkpoint, to be logged again), so no row is lost or repeated."""
+    that checkpoint, to be logged again), so no row is lost or repeated. With `live_only`, the
+    run folder's files are read, not rewritten: a run that trains nothing shows the rows up to its
+    step and keeps the later ones of the folder for a run that goes on past it; `row` is the row
+    its checkpoint holds, shown as it was logged when the folder's json has moved on."""
 
-    def __init__(self, out_dir: Path, start_step: int, max_steps: int, live: str = ""):
-        self.stems = [out_dir / "metrics", *([Path(live)] if live else [])]
+    def __init__(self, out_dir: Path, start_step: int, max_steps: int, live: str = "", live_only: bool = False,
+                 row: dict[str, Any] | None = None):
+        self.stems = [*([] if live_only else [out_dir / "metrics"]), *([Path(live)] if live else [])]
         self.max_steps = max_steps
         tsv, latest_json = out_dir / "metrics.tsv", out_dir / "metrics.json"
         self.rows: list[str] = []
@@ -35,7 +39,8 @@ class MetricsLog:
         if self.rows:
             saved = json.loads(latest_json.read_text()) if latest_json.is_file() else {}
             logged_step = int(self.rows[-1].split("\t")[0])
-            self.latest = saved if saved.get("step") == logged_step else _parse_row(self.rows[-1])
+            logged = [values for values in (saved, row or {}) if values.get("step") == logged_step]
+            self.latest = logged[0] if logged else _parse_row(self.rows[-1])
         self._publish()
 
     def write(self, row: dict[str, float]) -> None:
