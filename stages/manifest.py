@@ -4,7 +4,8 @@
 from pathlib import Path
 
 from stages.launch import StageArguments, run_stage
-from stages.params import load_stage_params
+from stages.params import PARAMS_FILE, load_stage_params
+from unite.data.errors import DataError
 from unite.data.manifest import write_manifest
 
 SPLITS = ("train", "val")
@@ -20,6 +21,12 @@ def arguments() -> StageArguments:
 def main(argv: list[str] | None = None) -> None:
     out = arguments().parse(argv).out
     root = Path(load_stage_params("manifest")["manifest"]["root"])
+    for split in SPLITS:
+        if not (root / split).is_dir():
+            raise DataError(
+                f"manifest.root {root}: no folder {root / split}; link an image folder with train/<class>/ and "
+                f"val/<class>/ there (`mkdir -p {root.parent} && ln -s /path/to/imagenet {root}`), "
+                f"or set manifest.root in {PARAMS_FILE}")
     for split in SPLITS:
         write_manifest(root / split, out / f"{split}.tsv")
 

@@ -12,6 +12,7 @@ from PIL import Image
 from stages.launch import StageArguments, run_stage
 from stages.params import load_stage_params
 from unite.evaluation import load_exported_model, reconstruct
+from unite.metrics.features import distance_name
 from unite.provenance import device_name, git_state, package_versions, params_hash
 from unite.report import (cfg_figure, curve_figure, enlarged, history_table, read_table, reconstruction_grid,
                           render_report)
@@ -21,7 +22,7 @@ FIGURES = {
     "Training losses": "loss.png",
     "Learning rate": "lr.png",
     "Gradient norm": "grad_norm.png",
-    "Metric vs CFG scale": "cfg.png",
+    "{distance} vs CFG scale": "cfg.png",  # FID, or the Frechet distance in the run's feature space
     "Samples (a row per class)": "samples.png",
     "Validation originals above their reconstructions": "reconstructions.png",
 }
@@ -47,14 +48,16 @@ def arguments() -> StageArguments:
 def main(argv: list[str] | None = None) -> None:
     args = arguments().parse(argv)
     params = load_stage_params("report")
-    figures = {title: args.figures / name for title, name in FIGURES.items()}
+    evaluation = json.loads(args.eval.read_text())
+    distance = distance_name(evaluation["generation"]["feature_space"])
+    figures = {title.format(distance=distance): args.figures / name for title, name in FIGURES.items()}
     curve_figure(args.train_table, {"loss": "total", "recon": "reconstruction", "flow": "flow"},
                  figures["Training losses"], "Training losses", "loss", log=True)
     curve_figure(args.train_table, {"lr": "learning rate"}, figures["Learning rate"], "Learning rate", "lr")
     curve_figure(args.train_table, {"grad_norm": "before clipping"}, figures["Gradient norm"], "Gradient norm",
                  "grad norm", log=True)
     sweep = json.loads(args.sweep.read_text())
-    cfg_figure(args.sweep_table, sweep["metric"], sweep["chosen"], figures["Metric vs CFG scale"])
+    cfg_figure(args.sweep_table, sweep["metric"], sweep["chosen"], figures[f"{distance} vs CFG scale"], distance)
     enlarged(Image.open(args.samples / "grid.png").convert("RGB")).save(figures["Samples (a row per class)"])
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -78,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         params,
         {"train (last logged window)": json.loads(args.train_metrics.read_text()),
          f"sweep (chosen by {sweep['metric']})": sweep["chosen"],
-         "evaluate": json.loads(args.eval.read_text())},
+         "evaluate": evaluation},
         figures,
         provenance,
         tables={"Training runs that made the model": history_table(

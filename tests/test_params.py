@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import re
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,9 +13,12 @@ import yaml
 
 from stages.params import load_params, validate
 from stages.preset import apply_preset
+from stages.preset import main as preset_main
 from unite.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
+PRESETS = sorted(path.stem for path in (ROOT / "presets").glob("*.yaml"))
+COMMENT = re.compile(r"(?:^|\s)#\s*(.*)$")  # no value in these files holds a '#'
 
 
 @pytest.fixture()
@@ -111,3 +116,48 @@ def test_release_presets_are_their_base_with_14_flow_draws(tmp_path, monkeypatch
     for params in (base_params, release):
         params["train"]["model"].pop("flow_steps_per_recon"), params["train"]["model"].pop("flow_mini_batch")
     assert release == base_params
+
+
+def preset_chain(name: str) -> list[Path]:
+    """presets/NAME.yaml and the files it extends."""
+    path = ROOT / "presets" / f"{name}.yaml"
+    base = yaml.safe_load(path.read_text()).get("extends")
+    return [path, *(preset_chain(base) if base else [])]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_a_preset_rewrites_the_comments_and_the_stages_it_changes(tmp_path, monkeypatch, capsys, preset):
+    """After `python -m stages.preset NAME`, params.yaml's header names the preset, each comment of
+    the preset's files is on its key, and no comment describes the demo any more (the demo_data
+    section aside, whose stage leaves dvc.yaml); dvc.yaml loses that stage and the manifest's dep
+    on its folder, and nothing else."""
+    for name in ("params.yaml", "dvc.yaml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    shutil.copytree(ROOT / "presets", tmp_path / "presets")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["stages.preset", preset])
+    preset_main()
+
+    lines = Path("params.yaml").read_text().splitlines()
+    assert f"presets/{preset}.yaml" in " ".join(line for line in lines if line.startswith("#"))
+    section, about_the_demo = None, []
+    for line in lines:
+        if line[:1].isalpha():
+            section = line.split(":")[0]
+        comment = COMMENT.search(line)
+        if comment and section != "demo_data" and re.search(r"\bdemo\b|digit", comment.group(1), re.IGNORECASE):
+            about_the_demo.append(line)
+    assert not about_the_demo, f"after the preset {preset}, params.yaml still describes the demo: {about_the_demo}"
+    comments = {COMMENT.search(line).group(1) for line in lines if COMMENT.search(line)}
+    unchanged = {line.split("#")[0].strip() for line in (ROOT / "params.yaml").read_text().splitlines()}
+    for path in preset_chain(preset):
+        for line in path.read_text().splitlines():
+            setting = line.split("#")[0].strip()  # a key's own comment, where the preset changes the key
+            if line[:1].isspace() and COMMENT.search(line) and setting and setting not in unchanged:
+                assert COMMENT.search(line).group(1) in comments, f"{path.name}: {line.strip()!r} not in params.yaml"
+
+    pipeline, expected = yaml.safe_load(Path("dvc.yaml").read_text()), yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    demo_outs = expected["stages"].pop("demo_data")["outs"]
+    expected["stages"]["manifest"]["deps"] = [d for d in expected["stages"]["manifest"]["deps"] if d not in demo_outs]
+    assert pipeline == expected
+    assert "dvc.yaml: stage demo_data dropped" in capsys.readouterr().out

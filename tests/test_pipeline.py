@@ -80,6 +80,7 @@ def repo(tmp_path_factory) -> Repo:
     repo.run("git", "add", "-A")
     repo.run("git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "pipeline")
     repo.first = repo.run("dvc", "repro")
+    repo.first_status = repo.run("git", "status", "--porcelain", "--untracked-files=all").stdout
     return repo
 
 
@@ -97,6 +98,18 @@ def test_repro_runs_every_stage_and_reports_metrics(repo):
     assert (repo.path / "samples" / "grid.png").is_file()
     shown = json.loads(repo.run("dvc", "metrics", "show", "--json").stdout)
     assert "metrics/eval.json" in json.dumps(shown)
+    warnings = [line for line in (repo.first.stdout + repo.first.stderr).splitlines() if re.search(r"warn", line, re.I)]
+    assert not warnings, warnings
+
+
+def test_a_run_leaves_git_status_clean_but_for_its_record(repo):
+    """Every output DVC caches is ignored before it is written (DVC adds no .gitignore entry), so
+    `git status` lists only dvc.lock and the uncached metrics files, which are there to be committed."""
+    stages = yaml.safe_load((repo.path / "dvc.yaml").read_text())["stages"]
+    entries = [entry for spec in stages.values() for key in ("outs", "metrics", "plots") for entry in spec.get(key, [])]
+    uncached = {path for entry in entries if isinstance(entry, dict) for path, options in entry.items()
+                if options and options.get("cache") is False and (repo.path / path).is_file()}
+    assert repo.first_status.splitlines() == sorted(f"?? {path}" for path in uncached | {"dvc.lock"})
 
 
 def test_second_repro_runs_nothing(repo):
@@ -204,6 +217,9 @@ def test_plots_and_the_report_render_offline(repo, tmp_path):
 
     repo.run("dvc", "plots", "show", "-o", str(tmp_path / "show"))
     check(tmp_path / "show" / "index.html", ["workspace"])
+    # The sweep's plots name the distance TINY's pixel feature space gives: not FID.
+    assert "Frechet distance in pixel features vs CFG scale" in (tmp_path / "show" / "index.html").read_text()
+    assert "Frechet distance in pixel features vs CFG scale" in (repo.path / "reports" / "report.html").read_text()
     repo.run("git", "config", "user.name", "test")  # experiments are commits
     repo.run("git", "config", "user.email", "test@example.com")
     for seed in (1, 2):
@@ -348,3 +364,26 @@ def test_results_pushed_to_a_remote_are_pulled_into_a_fresh_clone_with_nothing_t
     result = clone.run("dvc", "repro")
     assert "Running stage" not in result.stdout and "is cached" not in result.stdout, result.stdout
     assert "Data and pipelines are up to date." in result.stdout
+
+
+def test_the_readme_preset_commands_without_imagenet_say_what_to_do(tmp_path):
+    """The README's commands for a preset, run in a fresh clone with nothing linked, stop at the
+    manifest stage with the README's own `ln -s` line, and the demo's digits are not written."""
+    readme = (ROOT / "README.md").read_text()
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", readme, re.S) if "python -m stages.preset" in b)
+    lines = [line.split("#")[0].strip() for line in block.splitlines()]
+    link = next(line for line in lines if "ln -s" in line)
+    commands = [line for line in lines if line.startswith(("python -m stages.preset", "dvc repro"))]
+    assert commands[-1] == "dvc repro", commands
+    copy_files(tmp_path)
+    repo = Repo(tmp_path)
+    for args in (["git", "init", "-q"], ["git", "add", "-A"],
+                 ["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "clone"]):
+        repo.run(*args)
+    for command in commands[:-1]:
+        repo.run(*command.split())
+    result = repo.run("dvc", "repro", check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert re.search(r"^error: manifest: .*data/imagenet.*; .*" + re.escape(link), output, re.M), output
+    assert "demo_data" not in output and not (tmp_path / "data" / "raw").exists()

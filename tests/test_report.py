@@ -20,6 +20,7 @@ from PIL import Image
 from stages import plots_page
 from unite.cfg_search import CfgPoint, CfgResult
 from unite.provenance import git_state, params_hash
+import unite.report
 from unite.report import cfg_figure, cfg_series, curve_figure, enlarged, read_table, reconstruction_grid, render_report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,7 +83,7 @@ def test_reconstruction_grid_rejects_mismatched_shapes():
         reconstruction_grid(torch.zeros(2, 3, 4, 4), torch.zeros(3, 3, 4, 4))
 
 
-def test_cfg_series_splits_the_sweep_by_interval_and_norm_order(tmp_path):
+def test_cfg_series_splits_the_sweep_by_interval_and_norm_order(tmp_path, monkeypatch):
     # The table as the sweep stage writes it: a search along the scale, then a wider sweep.
     points = [CfgPoint(2.0, (0.1, 1.0), "norm_first", 0.5, "search"),
               CfgPoint(1.75, (0.1, 1.0), "norm_first", 0.4, "search"),
@@ -100,8 +101,14 @@ def test_cfg_series_splits_the_sweep_by_interval_and_norm_order(tmp_path):
     assert cfg_series([{"cfg_scale": "2", "fid": "3"}, {"cfg_scale": "1", "fid": "4"}], "fid") == {
         "sweep": [(1.0, 4.0), (2.0, 3.0)]}
     out = tmp_path / "cfg.png"
-    cfg_figure(tmp_path / "sweep.tsv", "frechet_distance", {"scale": 1.75, "frechet_distance": 0.4}, out)
+    saved, original_save = [], unite.report._save
+    monkeypatch.setattr(unite.report, "_save", lambda figure, path: saved.append(figure) or original_save(figure, path))
+    cfg_figure(tmp_path / "sweep.tsv", "frechet_distance", {"scale": 1.75, "frechet_distance": 0.4}, out,
+               "Frechet distance in pixel features")
     assert out.read_bytes().startswith(PNG_SIGNATURE)
+    axes = saved[0].axes[0]  # the metric is named, whatever the series are called
+    assert axes.get_title() == "Frechet distance in pixel features vs CFG scale"
+    assert axes.get_ylabel() == "Frechet distance in pixel features"
 
 
 def test_a_missing_column_is_named_with_the_columns_there_are(tmp_path):

@@ -1,0 +1,1 @@
+"""UNITE: one transformer that tokenizes images and generates their latents (see README)."""

@@ -73,16 +73,18 @@ def curve_figure(
     _save(figure, Path(out))
 
 
-def cfg_figure(sweep_table: str | Path, metric: str, chosen: Mapping[str, Any], out: str | Path) -> None:
+def cfg_figure(sweep_table: str | Path, metric: str, chosen: Mapping[str, Any], out: str | Path,
+               name: str | None = None) -> None:
     """The sweep's metric against the CFG scale: one series per (CFG interval, normalisation order),
-    the chosen setting circled."""
+    the chosen setting circled; `name` names the metric on the axis and in the title."""
     figure, axes = _axes()
     for label, points in cfg_series(read_table(sweep_table), metric, sweep_table).items():
         scales, values = zip(*points)
         axes.plot(scales, values, marker="o", linestyle="-" if len(points) > 1 else "none", label=label)
     axes.scatter([chosen["scale"]], [chosen[metric]], s=200, facecolors="none", edgecolors="black",
                  linewidths=1.5, label="chosen", zorder=3)
-    axes.set(xlabel="CFG scale", ylabel=metric.replace("_", " "), title=f"{metric.replace('_', ' ')} vs CFG scale")
+    name = name or metric.replace("_", " ")
+    axes.set(xlabel="CFG scale", ylabel=name, title=f"{name} vs CFG scale")
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
     _save(figure, Path(out))

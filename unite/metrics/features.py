@@ -146,3 +146,9 @@ def distance_key(feature_space: str) -> str:
     """The metric name of a Frechet distance in a space (kind or full name): "fid" in Inception
     space only, "fd" elsewhere."""
     return "fid" if feature_space_kind(feature_space) == "inception" else "fd"
+
+
+def distance_name(feature_space: str) -> str:
+    """What a report calls the Frechet distance in a space: FID in Inception space only."""
+    kind = feature_space_kind(feature_space)
+    return "FID" if kind == "inception" else f"Frechet distance in {kind} features"
