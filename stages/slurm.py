@@ -64,7 +64,7 @@ def job_settings(params: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
             if nproc != per_task:
                 raise ConfigError(
                     f"{stage}.nproc_per_node={nproc}: must equal slurm.gpus_per_node / slurm.tasks_per_node = "
-                    f"{per_task} (one process per GPU); set one of them in {PARAMS_FILE} or on the command line")
+                    f"{per_task} (one process per GPU)")
     return settings
 
 

@@ -163,7 +163,7 @@ def test_ctrl_c_of_submit_cancels_the_job_after_training_checkpoints(repo):
     assert returncode == 130, out
     assert repo.queue() == "" and processes_of(job_id) == []
     stopped = re.search(r"SIGTERM received; finished step (\d+), wrote (\S+)\.", log.read_text())
-    assert stopped and int(stopped[1]) < 12 and Path(stopped[2]).is_file(), log.read_text()
+    assert stopped and int(stopped[1]) < 12 and (repo.path / stopped[2]).is_file(), log.read_text()
     assert (repo.path / "dvc.lock").read_bytes() == lock
 
 
@@ -187,3 +187,13 @@ def test_the_time_limit_warning_checkpoints_requeues_and_resumes(repo):
         assert torch.equal(resumed[name], tensor), name
     assert repo.run("dvc", "status", "--quiet").returncode == 0
     assert repo.queue() == "" and processes_of(job_id) == []
+
+
+def test_submit_refuses_gpus_that_do_not_match_the_stages_processes(tmp_path):
+    """Checked before anything is submitted: the repository's params run one process per node."""
+    result = subprocess.run([sys.executable, "-m", "stages.slurm", "submit", "--nodes", "2", "--gpus-per-node", "8"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "error: slurm: train.nproc_per_node=1: must equal slurm.gpus_per_node / slurm.tasks_per_node = 8 (one "
+        "process per GPU); fix it in params.yaml or on the command line")
