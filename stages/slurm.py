@@ -96,12 +96,12 @@ time_up=0
 on_time_limit() {{
     time_up=1
     echo "unite: the time limit is near: the job's steps get SIGTERM (training writes its checkpoint)"
-    scancel --signal=TERM "$SLURM_JOB_ID"  # the steps: train, sweep and evaluate's workers
+    scancel --signal=TERM "$SLURM_JOB_ID" || true  # the steps: train, sweep and evaluate's workers
     pkill -TERM -P "$dvc_pid" || true  # the stage that DVC runs (a launcher waits for its workers)
 }}
-trap on_time_limit USR1
 {dvc} &
 dvc_pid=$!
+trap on_time_limit USR1
 # A trapped signal interrupts `wait`: wait again until DVC has exited, then take its status.
 while kill -0 "$dvc_pid" 2>/dev/null; do wait "$dvc_pid" || true; done
 status=0
