@@ -19,13 +19,24 @@ gets the stage's options. Workers hand their expected failure to the launcher in
 it, so that N ranks failing alike give one line and torchrun's error report is left out; a worker
 stopped by a signal (a preempted training run) makes the launcher exit with that worker's status;
 anything else is reported by torchrun as usual, with the worker's traceback.
+
+Inside a Slurm job written by `stages.slurm` (which sets UNITE_SRUN), the same command starts one
+launcher per task of the allocation with `srun` (a task per node), and each runs torchrun with a c10d
+rendezvous on the first node (this one): `--nnodes <tasks> --nproc-per-node <section.nproc_per_node>`.
+The ranks' failure files then lie in .dvc/tmp, which every node sees. Slurm signals every process
+of a job step at once, so those launchers leave SIGTERM to their workers instead of passing on a
+second one (a second SIGTERM stops training without a checkpoint).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
+import socket
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
@@ -37,6 +48,10 @@ from unite.config import ConfigError
 
 # Where a worker started by `launch` leaves its expected failure (one file per rank).
 FAILURE_DIR_ENV = "UNITE_STAGE_FAILURES"
+# Set by a Slurm batch script: start the workers across the allocation with srun.
+SRUN_ENV = "UNITE_SRUN"
+# host:port of the c10d rendezvous, set for the launchers srun starts.
+RENDEZVOUS_ENV = "UNITE_RENDEZVOUS"
 EXPECTED_EXIT = 1
 TORCHRUN_STAGES = ("train", "sweep", "evaluate")
 _PROJECT_PACKAGES = ("unite", "stages")
@@ -159,6 +174,42 @@ def _signal_status(exitcode: int) -> int | None:
     return exitcode if exitcode > 128 else None
 
 
+def _torchrun_options(nproc: int) -> list[str]:
+    """One node on its own, or (under srun) this task's share of a c10d rendezvous of every task."""
+    endpoint = os.environ.get(RENDEZVOUS_ENV)
+    if not endpoint:
+        return ["--standalone", "--nproc-per-node", str(nproc)]
+    return ["--nnodes", os.environ["SLURM_STEP_NUM_TASKS"], "--nproc-per-node", str(nproc),
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
+            # Slurm sends SIGTERM to the workers itself: torchrun must neither pass on a second one nor die.
+            "--signals-to-handle", "SIGINT,SIGHUP,SIGQUIT",
+            "--rdzv-id", f"{os.environ['SLURM_JOB_ID']}.{os.environ['SLURM_STEP_ID']}"]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
+
+
+def _launch_with_srun(stage: str, stage_args: list[str]) -> int:
+    """Run this launcher once per task of the Slurm allocation; a failing task ends the others.
+    Returns srun's status, or 1 with the ranks' expected failures printed once."""
+    shared = Path(".dvc/tmp") if Path(".dvc/tmp").is_dir() else Path.cwd()
+    with tempfile.TemporaryDirectory(prefix="unite-failures-", dir=shared) as failure_dir:
+        env = {**os.environ, FAILURE_DIR_ENV: str(Path(failure_dir).resolve()),
+               RENDEZVOUS_ENV: f"{socket.gethostname()}:{_free_port()}"}
+        command = ["srun", "--kill-on-bad-exit=1", sys.executable, "-m", "stages.launch", stage, *stage_args]
+        # Slurm signals the step's processes itself; this process waits for them to finish.
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)
+        returncode = subprocess.run(command, env=env).returncode
+        lines = sorted({p.read_text() for p in Path(failure_dir).iterdir()})
+    if lines:
+        print("\n".join(lines), file=sys.stderr)
+        return EXPECTED_EXIT
+    return returncode
+
+
 def launch(stage: str, stage_args: list[str]) -> int:
     """Validate params, then run the stage's module with `stage_args` under torchrun; returns the
     exit status. The ranks check the arguments (a wrong one is one line, as any expected failure)."""
@@ -171,19 +222,26 @@ def launch(stage: str, stage_args: list[str]) -> int:
     except ConfigError as error:
         print(failure_line(stage, error), file=sys.stderr)
         return EXPECTED_EXIT
-    with _HeldRecords(logging.getLogger("torch.distributed")) as held, \
-            tempfile.TemporaryDirectory(prefix="unite-failures-") as failure_dir:
+    if os.environ.get(SRUN_ENV) and not os.environ.get(RENDEZVOUS_ENV):
+        return _launch_with_srun(stage, stage_args)
+    under_srun = bool(os.environ.get(RENDEZVOUS_ENV))
+    if under_srun:
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)  # see _torchrun_options
+    # Under srun the caller made the failure folder, on a filesystem every node sees.
+    failure_folder = (contextlib.nullcontext(os.environ[FAILURE_DIR_ENV]) if under_srun
+                      else tempfile.TemporaryDirectory(prefix="unite-failures-"))
+    with _HeldRecords(logging.getLogger("torch.distributed")) as held, failure_folder as failure_dir:
         os.environ[FAILURE_DIR_ENV] = failure_dir
         try:
-            torchrun_args = parse_args(["--standalone", "--nproc-per-node", str(nproc), "-m", f"stages.{stage}"])
+            torchrun_args = parse_args([*_torchrun_options(nproc), "-m", f"stages.{stage}"])
             # Set after parsing: torchrun's parser would take a stage option that abbreviates one
             # of its own options (as --log would --log-dir) for its own.
             torchrun_args.training_script_args = stage_args
             run(torchrun_args)
         except ChildFailedError as failed:
-            lines = sorted({p.read_text() for p in Path(failure_dir).iterdir()})
-            if lines:
-                print("\n".join(lines), file=sys.stderr)
+            if any(Path(failure_dir).iterdir()):
+                if not under_srun:  # else the srun caller prints every task's lines once
+                    print("\n".join(sorted({p.read_text() for p in Path(failure_dir).iterdir()})), file=sys.stderr)
                 return EXPECTED_EXIT
             held.replay()
             statuses = [_signal_status(f.exitcode) for f in failed.failures.values()]

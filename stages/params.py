@@ -34,6 +34,9 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "evaluate": {"nproc_per_node": int, "protocol": str, "num_images": int, "seed": int, "solver": str, "steps": int,
                  "block_size": int, "grid_per_class": int, "recon_images": int, "class_consistency": bool,
                  "lpips": bool},
+    # not a stage: how `python -m stages.slurm submit` asks Slurm for the pipeline's job
+    "slurm": {"nodes": int, "tasks_per_node": int, "gpus_per_node": int, "cpus_per_task": (int, None), "time": str,
+              "partition": (str, None), "signal_seconds": int, "max_requeues": int, "sbatch_args": list},
 }
 CHOICES = {
     ("shard", "store"): SHARD_STORES,

@@ -14,6 +14,7 @@ import itertools
 import math
 import multiprocessing
 import random
+import signal
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple
@@ -359,6 +360,15 @@ class Loader:
             yield Batch(images, labels, list(keys))
 
 
+def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """A DataLoader worker ignores SIGTERM and SIGINT: a scheduler (Slurm signals every process of
+    a job step) or a terminal's Ctrl-C reaches the workers too, and a worker dying mid-batch would
+    fail the step that the trainer finishes before it writes its checkpoint. The loader ends its
+    workers itself, and a worker whose parent is gone exits on its own."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def shard_loader(
     shard_dir: str | Path,
     batch_size: int,
@@ -396,7 +406,7 @@ def shard_loader(
 
     def make() -> DataLoader:
         return DataLoader(stream, batch_size=batch_size, num_workers=num_workers,
-                          pin_memory=torch.cuda.is_available())
+                          pin_memory=torch.cuda.is_available(), worker_init_fn=_leave_stop_signals_to_the_trainer)
 
     return Loader(stream, make)
 
@@ -440,6 +450,7 @@ def folder_loader(
             num_workers=num_workers,
             drop_last=train,
             pin_memory=torch.cuda.is_available(),
+            worker_init_fn=_leave_stop_signals_to_the_trainer,
         )
 
     return Loader(dataset, make)

@@ -1,0 +1,222 @@
+"""The pipeline as one Slurm job: `python -m stages.slurm submit [options] [-- DVC COMMAND]`.
+
+The batch script runs the DVC command (`dvc repro` unless given, e.g. `-- exp run -n big`) on the
+allocation's first node, so DVC's repository lock is taken only once the job runs. The train, sweep
+and evaluate stages see UNITE_SRUN and start one torchrun per task with srun (stages.launch); every
+other stage runs on the first node. The script stops at the first error, so a failed stage fails
+the job.
+
+Time limit: Slurm sends the batch script SIGUSR1 `signal_seconds` before the limit; the script
+sends SIGTERM to the job's steps (training finishes its step and writes a checkpoint), lets DVC
+fail the stage, and requeues the job, at most `max_requeues` times (SLURM_RESTART_COUNT counts
+them; each requeue is logged). The requeued job runs the same DVC command, which resumes training.
+
+Cancel: `scancel` (or Ctrl-C of `submit --wait`, or SIGTERM to it) sends every process of the job
+SIGTERM once: training writes its checkpoint, and Slurm kills what is left after its KillWait.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from stages.launch import SRUN_ENV, TORCHRUN_STAGES
+from stages.params import PARAMS_FILE, load_params
+from unite.config import ConfigError
+
+JOB_FOLDER = Path(".dvc/tmp/slurm")  # batch scripts and logs: ignored by git, seen by every node
+ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD",
+                 "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD", "STOPPED"}
+POLL_S = 1.0
+
+
+class SlurmError(RuntimeError):
+    """Slurm refused or is missing; the message says what to do."""
+
+
+def _require(program: str) -> str:
+    found = shutil.which(program)
+    if not found:
+        raise SlurmError(f"{program} not found: run this where Slurm's client commands are installed (a login "
+                         "node), or start the one-host cluster of the README (`scripts/slurm-local start DIR`)")
+    return found
+
+
+def job_settings(params: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """params.yaml's slurm section with the command line's values, checked against the stages'
+    nproc_per_node."""
+    settings = {**params["slurm"], **{k: v for k, v in overrides.items() if v is not None}}
+    for key in ("nodes", "tasks_per_node", "max_requeues", "signal_seconds", "gpus_per_node"):
+        least = 0 if key in ("max_requeues", "gpus_per_node") else 1
+        if settings[key] < least:
+            raise ConfigError(f"slurm.{key}={settings[key]}: must be >= {least}")
+    if settings["gpus_per_node"]:
+        for stage in TORCHRUN_STAGES:
+            nproc = params[stage]["nproc_per_node"]
+            per_task = settings["gpus_per_node"] // settings["tasks_per_node"]
+            if nproc != per_task:
+                raise ConfigError(
+                    f"{stage}.nproc_per_node={nproc}: must equal slurm.gpus_per_node / slurm.tasks_per_node = "
+                    f"{per_task} (one process per GPU)")
+    return settings
+
+
+def batch_script(settings: dict[str, Any], dvc_args: list[str], log: Path, root: Path) -> str:
+    """The sbatch script: its #SBATCH lines ask for the allocation, its body runs DVC on node 0,
+    turns the time-limit warning into a checkpoint and a requeue, and fails when DVC fails."""
+    options = [f"--job-name=unite-{root.name}", f"--nodes={settings['nodes']}",
+               f"--ntasks-per-node={settings['tasks_per_node']}", f"--time={settings['time']}",
+               f"--signal=B:USR1@{settings['signal_seconds']}", "--requeue", "--open-mode=append",
+               f"--output={log}", f"--chdir={root}"]
+    if settings["gpus_per_node"]:
+        options.append(f"--gpus-per-node={settings['gpus_per_node']}")
+    if settings["cpus_per_task"]:
+        options.append(f"--cpus-per-task={settings['cpus_per_task']}")
+    if settings["partition"]:
+        options.append(f"--partition={settings['partition']}")
+    options += [str(arg) for arg in settings["sbatch_args"]]
+    dvc = shlex.join([sys.executable, "-m", "dvc", *dvc_args])
+    max_requeues = settings["max_requeues"]
+    header = "\n".join(f"#SBATCH {option}" for option in options)
+    return f"""#!/bin/bash
+{header}
+# Written by `python -m stages.slurm submit`: runs `{shlex.join(['dvc', *dvc_args])}` on the first node.
+set -euo pipefail
+export {SRUN_ENV}=1 PYTHONUNBUFFERED=1
+restarts=${{SLURM_RESTART_COUNT:-0}}
+echo "unite: job $SLURM_JOB_ID, run $((restarts + 1)), on $SLURM_JOB_NODELIST, $(date -Is)"
+time_up=0
+on_time_limit() {{
+    time_up=1
+    echo "unite: the time limit is near: the job's steps get SIGTERM (training writes its checkpoint)"
+    scancel --signal=TERM "$SLURM_JOB_ID" || true  # the steps: train, sweep and evaluate's workers
+    pkill -TERM -P "$dvc_pid" || true  # the stage that DVC runs (a launcher waits for its workers)
+}}
+{dvc} &
+dvc_pid=$!
+trap on_time_limit USR1
+# A trapped signal interrupts `wait`: wait again until DVC has exited, then take its status.
+while kill -0 "$dvc_pid" 2>/dev/null; do wait "$dvc_pid" || true; done
+status=0
+wait "$dvc_pid" || status=$?
+if [ "$status" -ne 0 ] && [ "$time_up" = 1 ]; then
+    # The requeue would kill a step still writing its checkpoint: wait for every step to end.
+    while squeue -h -s -j "$SLURM_JOB_ID" -o %i | grep -qv -e '\.batch$' -e '\.extern$'; do sleep 1; done
+    if [ "$restarts" -lt {max_requeues} ]; then
+        echo "unite: requeue $((restarts + 1)) of at most {max_requeues} (slurm.max_requeues): the next run resumes"
+        scontrol requeue "$SLURM_JOB_ID"
+        exit 0
+    fi
+    echo "unite: error: the time limit was reached after {max_requeues} requeues (slurm.max_requeues);" \\
+         "submit again to resume, with a longer --time or a larger --max-requeues" >&2
+fi
+if [ "$status" -ne 0 ]; then
+    echo "unite: error: \\`{shlex.join(['dvc', *dvc_args])}\\` failed with exit status $status" >&2
+else
+    echo "unite: done, $(date -Is)"
+fi
+exit "$status"
+"""
+
+
+def job_state(job_id: str) -> tuple[str, int]:
+    """The job's state and exit status, as `scontrol show job` tells while Slurm remembers the job."""
+    shown = subprocess.run(["scontrol", "show", "job", "--oneliner", job_id], capture_output=True, text=True)
+    if shown.returncode != 0:
+        raise SlurmError(f"job {job_id}: scontrol show job failed: {shown.stderr.strip()}")
+    fields = dict(item.split("=", 1) for item in shown.stdout.split() if "=" in item)
+    return fields["JobState"], int(fields.get("ExitCode", "0:0").split(":")[0])
+
+
+def wait_for(job_id: str) -> int:
+    """Wait until the job has ended and left the queue; 0 if it completed, else its exit status
+    (1 when it had none). Ctrl-C or SIGTERM cancels the job and still waits for its processes, so
+    that training writes its checkpoint; a second Ctrl-C stops waiting."""
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    cancelled = False
+    last = None
+    try:
+        while True:
+            try:
+                state, status = job_state(job_id)
+                if state != last:
+                    print(f"unite: job {job_id}: {state}", flush=True)
+                    last = state
+                if state not in ACTIVE_STATES:
+                    break
+                time.sleep(POLL_S)
+            except KeyboardInterrupt:
+                if cancelled:
+                    raise
+                cancelled = True
+                print(f"unite: cancelling job {job_id}; waiting for its processes (training writes its "
+                      "checkpoint; Ctrl-C again to stop waiting)", file=sys.stderr, flush=True)
+                subprocess.run(["scancel", job_id], check=False)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if cancelled:
+        return 130
+    return 0 if state == "COMPLETED" else status or 1
+
+
+def submit(settings: dict[str, Any], dvc_args: list[str], root: Path) -> tuple[str, Path]:
+    """Write the batch script under .dvc/tmp/slurm and sbatch it; returns the job id and its log."""
+    sbatch = _require("sbatch")
+    folder = root / JOB_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    script = folder / f"job-{stamp}.sh"
+    log = folder / f"job-{stamp}.log"
+    script.write_text(batch_script(settings, dvc_args, log, root))
+    submitted = subprocess.run([sbatch, "--parsable", str(script)], capture_output=True, text=True)
+    if submitted.returncode != 0:
+        raise SlurmError(f"sbatch {script} failed: {submitted.stderr.strip()}; fix the slurm section of "
+                         f"{PARAMS_FILE} or the command line's options")
+    return submitted.stdout.strip().split(";")[0], log
+
+
+def arguments() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m stages.slurm", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    sub = commands.add_parser("submit", help="submit the pipeline (or any DVC command) as one Slurm job")
+    sub.add_argument("--nodes", type=int, help="nodes (default: slurm.nodes)")
+    sub.add_argument("--tasks-per-node", type=int, help="torchrun launchers per node (default: slurm.tasks_per_node)")
+    sub.add_argument("--gpus-per-node", type=int, help="GPUs per node (default: slurm.gpus_per_node)")
+    sub.add_argument("--cpus-per-task", type=int, help="CPUs per task (default: slurm.cpus_per_task)")
+    sub.add_argument("--time", help="time limit, e.g. 24:00:00 (default: slurm.time)")
+    sub.add_argument("--partition", help="partition (default: slurm.partition)")
+    sub.add_argument("--signal-seconds", type=int, help="warning before the limit (default: slurm.signal_seconds)")
+    sub.add_argument("--max-requeues", type=int, help="requeues at the time limit (default: slurm.max_requeues)")
+    sub.add_argument("--wait", action="store_true", help="wait for the job to end; exit with its status")
+    sub.add_argument("dvc_args", nargs="*", metavar="-- DVC COMMAND",
+                     help="what node 0 runs, after `--` (default: repro), e.g. -- exp run -n big")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = arguments().parse_args(argv)
+    root = Path.cwd()
+    try:
+        params = load_params()
+        overrides = {key: getattr(args, key) for key in ("nodes", "tasks_per_node", "gpus_per_node", "cpus_per_task",
+                                                         "time", "partition", "signal_seconds", "max_requeues")}
+        settings = job_settings(params, overrides)
+        job_id, log = submit(settings, args.dvc_args or ["repro"], root)
+        print(f"unite: submitted job {job_id}; log: {log}", flush=True)
+        return wait_for(job_id) if args.wait else 0
+    except (ConfigError, SlurmError, FileNotFoundError) as error:
+        suffix = f"; fix it in {PARAMS_FILE} or on the command line" if isinstance(error, ConfigError) else ""
+        print(f"error: slurm: {error}{suffix}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""The pipeline as a Slurm job on a real one-host Slurm cluster (scripts/slurm-local, which installs
+Debian's Slurm when it is missing), in a temporary copy of the repository with the shrunk demo
+params: a job whose two tasks stand in for two nodes, failing ranks, Ctrl-C of `submit --wait`
+(which cancels the job), and the time-limit warning that checkpoints, requeues and resumes."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from stages.preset import merge_params
+from stages.rehearse import copy_files
+from test_pipeline import TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+# Two torchrun launchers of one process each on the one node: a world of two ranks, as two nodes
+# would give. Twelve steps, a checkpoint every two: a signal after the first lands mid-run.
+SLURM_TINY = merge_params(TINY, {
+    "train": {"max_steps": 12, "checkpoint_every": 2,
+              "schedule": {"warmup_steps": 2, "hold_until_step": 6, "decay_until_step": 12, "final_lr_factor": 0.5}},
+    "slurm": {"tasks_per_node": 2, "signal_seconds": 60, "max_requeues": 2},
+})
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory) -> dict[str, str]:
+    """A one-host Slurm cluster for this module; every job is cancelled and the daemons stopped after."""
+    folder = tmp_path_factory.mktemp("slurm")
+    script = ROOT / "scripts" / "slurm-local"
+    subprocess.run([script, "start", folder], check=True)
+    try:
+        yield {**os.environ, "SLURM_CONF": str(folder / "slurm.conf")}
+    finally:
+        subprocess.run([script, "stop", folder], check=True)
+
+
+class Repo:
+    def __init__(self, path: Path, env: dict[str, str]):
+        self.path = path
+        self.env = {**env, "DVC_NO_ANALYTICS": "1", "PATH": f"{Path(sys.executable).parent}:{env['PATH']}",
+                    "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+    def run(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(args, cwd=self.path, env=self.env, capture_output=True, text=True, timeout=900)
+
+    def submit(self, *options: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "stages.slurm", "submit", "--wait", *options], cwd=self.path,
+                                env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def set_params(self, changes: dict) -> None:
+        params_file = self.path / "params.yaml"
+        params_file.write_text(yaml.safe_dump(merge_params(yaml.safe_load(params_file.read_text()), changes)))
+
+    def checkpoints(self) -> list[Path]:
+        return sorted((self.path / "checkpoints").glob("*/checkpoints/step_*.pt"))
+
+    def queue(self) -> str:
+        return subprocess.run(["squeue", "-h"], env=self.env, capture_output=True, text=True, check=True).stdout
+
+
+def job_of(submitted: subprocess.Popen) -> tuple[str, Path]:
+    """The job id and log that `submit` prints first."""
+    line = submitted.stdout.readline()
+    found = re.match(r"unite: submitted job (\d+); log: (\S+)", line)
+    assert found, line
+    return found[1], Path(found[2])
+
+
+def finish(submitted: subprocess.Popen) -> tuple[int, str]:
+    out, _ = submitted.communicate(timeout=900)
+    return submitted.returncode, out
+
+
+def wait_for_checkpoint(repo: Repo, submitted: subprocess.Popen) -> None:
+    """Until training wrote its first checkpoint (it is then mid-run)."""
+    while not repo.checkpoints():
+        assert submitted.poll() is None, submitted.stdout.read()
+        time.sleep(0.05)
+
+
+def processes_of(job_id: str) -> list[int]:
+    """Processes that Slurm started for the job (its environment names it)."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if f"SLURM_JOB_ID={job_id}\0".encode() in environ.read_bytes():
+                found.append(int(environ.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    return {f"{part}.{name}": tensor for part in ("model", "ema") for name, tensor in state[part].items()}
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, cluster) -> Repo:
+    path = tmp_path_factory.mktemp("slurm-pipeline") / "repo"
+    copy_files(path)
+    repo = Repo(path, cluster)
+    repo.set_params(SLURM_TINY)
+    identity = ["-c", "user.name=test", "-c", "user.email=test@example.com"]
+    for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", *identity, "commit", "-qm", "pipeline"]):
+        subprocess.run(command, cwd=path, check=True, capture_output=True)
+    return repo
+
+
+def test_the_pipeline_runs_as_one_job_with_a_torchrun_per_task(repo):
+    submitted = repo.submit()
+    job_id, log = job_of(submitted)
+    returncode, out = finish(submitted)
+    text = log.read_text()
+    assert returncode == 0, out + text
+    for stage in ["demo_data", "manifest", "shard", "fid_ref", "train", "export", "sweep", "evaluate", "report"]:
+        assert f"Running stage '{stage}'" in text, stage
+    final = torch.load(repo.path / "models" / "final.pt", map_location="cpu", weights_only=False)
+    assert len(final["rng"]) == 2 and final["step"] == 12  # a rank per task, each saving its random state
+    assert repo.run("dvc", "status", "--quiet").returncode == 0  # dvc.lock records every stage
+    assert repo.queue() == "" and processes_of(job_id) == []
+    repo.uninterrupted = weights(repo.path / "models" / "final.pt")
+
+
+def test_failing_ranks_fail_the_job_and_leave_dvc_lock_alone(repo):
+    """Only the ranks know the world size (two tasks of one process): 15 images do not split in two."""
+    lock = (repo.path / "dvc.lock").read_bytes()
+    good = yaml.safe_load((repo.path / "params.yaml").read_text())["train"]["global_batch"]
+    repo.set_params({"train": {"global_batch": 15}})
+    try:
+        submitted = repo.submit()
+        job_id, log = job_of(submitted)
+        returncode, out = finish(submitted)
+    finally:
+        repo.set_params({"train": {"global_batch": good}})
+    text = log.read_text()
+    assert returncode != 0, out + text
+    assert "error: train: world_size=2: global_batch=15 cannot be split over 2 processes" in text
+    assert "unite: error: `dvc repro` failed" in text
+    assert (repo.path / "dvc.lock").read_bytes() == lock
+    assert repo.queue() == "" and processes_of(job_id) == []
+
+
+def test_ctrl_c_of_submit_cancels_the_job_after_training_checkpoints(repo):
+    lock = (repo.path / "dvc.lock").read_bytes()
+    subprocess.run(["rm", "-rf", repo.path / "checkpoints", repo.path / "models" / "final.pt"], check=True)
+    submitted = repo.submit()
+    job_id, log = job_of(submitted)
+    wait_for_checkpoint(repo, submitted)
+    submitted.send_signal(signal.SIGINT)
+    returncode, out = finish(submitted)
+    assert returncode == 130, out
+    assert repo.queue() == "" and processes_of(job_id) == []
+    stopped = re.search(r"SIGTERM received; finished step (\d+), wrote (\S+)\.", log.read_text())
+    assert stopped and int(stopped[1]) < 12 and (repo.path / stopped[2]).is_file(), log.read_text()
+    assert (repo.path / "dvc.lock").read_bytes() == lock
+
+
+def test_the_time_limit_warning_checkpoints_requeues_and_resumes(repo):
+    """Slurm's warning before the time limit is SIGUSR1 to the batch script (#SBATCH --signal=B:USR1@...);
+    it is sent here as soon as training is mid-run, as Slurm would send it at a short limit."""
+    subprocess.run(["rm", "-rf", repo.path / "checkpoints", repo.path / "models" / "final.pt"], check=True)
+    submitted = repo.submit()
+    job_id, log = job_of(submitted)
+    wait_for_checkpoint(repo, submitted)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], env=repo.env, check=True)
+    returncode, out = finish(submitted)
+    text = log.read_text()
+    assert returncode == 0, out + text
+    assert re.search(r"SIGTERM received; finished step ([1-9]|1[01]), wrote", text), text
+    assert "unite: requeue 1 of at most 2 (slurm.max_requeues)" in text
+    assert f"unite: job {job_id}, run 2," in text
+    resumed = weights(repo.path / "models" / "final.pt")
+    assert resumed.keys() == repo.uninterrupted.keys()
+    for name, tensor in repo.uninterrupted.items():
+        assert torch.equal(resumed[name], tensor), name
+    assert repo.run("dvc", "status", "--quiet").returncode == 0
+    assert repo.queue() == "" and processes_of(job_id) == []
+
+
+def test_submit_refuses_gpus_that_do_not_match_the_stages_processes(tmp_path):
+    """Checked before anything is submitted: the repository's params run one process per node."""
+    result = subprocess.run([sys.executable, "-m", "stages.slurm", "submit", "--nodes", "2", "--gpus-per-node", "8"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "error: slurm: train.nproc_per_node=1: must equal slurm.gpus_per_node / slurm.tasks_per_node = 8 (one "
+        "process per GPU); fix it in params.yaml or on the command line")
