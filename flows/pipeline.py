@@ -8,9 +8,9 @@ Cancel
     Cancel in the UI (or `prefect flow-run cancel`) sets the run Cancelling. A runner or worker
     stops the runs it started from a deployment (SIGTERM to the flow process); nothing stops a run
     started by `python -m flows.pipeline run`. So the flow itself asks the API: between steps,
-    and every `CANCEL_POLL_S` while a stage runs. Once Cancelling, the stage's process group gets
-    SIGTERM (training writes its checkpoint) and SIGKILL after `kill_grace_s`, no further step
-    runs, and the run ends Cancelled.
+    and every `CANCEL_POLL_S` while a stage runs or the run waits for its training slot. Once
+    Cancelling, the stage's process group gets SIGTERM (training writes its checkpoint) and
+    SIGKILL after `kill_grace_s`, no further step runs, and the run ends Cancelled.
 
 Stage order
     DVC plans the run exactly as `dvc repro [target]` would (`flows.dvc_commands.read_plan`).
@@ -61,6 +61,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import httpx
 from prefect import flow, get_client, get_run_logger, task
@@ -91,7 +92,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 FLOW_NAME = "unite-pipeline"
 TRAIN_STAGE = "train"  # its metrics file (dvc.yaml) holds the latest log row, kept current while it runs
 TRAIN_LIMIT = "unite-train-{host}"  # the Prefect concurrency limit that queues training on one node
-CANCEL_POLL_S = 2.0  # how often a running stage, or a run waiting for its training slot, asks whether it was cancelled
+CANCEL_POLL_S = 2.0  # how often a running stage, or a run queued for its training slot, asks if it was cancelled
 
 
 class RunCancelled(Exception):
@@ -102,7 +103,7 @@ class CancelCheck:
     """Raises `RunCancelled` once this flow run is Cancelling; asks the API at most every `every_s`."""
 
     def __init__(self, every_s: float = 0.0) -> None:
-        self.flow_run_id = flow_run.get_id()
+        self.flow_run_id = UUID(flow_run.get_id())
         self.every_s = every_s
         self.next_s = 0.0
 
