@@ -266,11 +266,15 @@ def training_slot(name: str, cancelled: CancelCheck) -> Iterator[None]:
     start = time.monotonic()
     with ExitStack() as slot:
         while True:
-            try:
-                slot.enter_context(concurrency(name, occupy=1, timeout_seconds=CANCEL_POLL_S))
+            try:  # one request per try: a timeout could cut off a granted request and leak its slot
+                slot.enter_context(concurrency(name, occupy=1, max_retries=0))
                 break
-            except TimeoutError:
-                cancelled()
+            except Exception as exc:
+                full = exc.__cause__
+                if not (isinstance(full, httpx.HTTPStatusError) and full.response.status_code == httpx.codes.LOCKED):
+                    raise
+            cancelled()
+            time.sleep(CANCEL_POLL_S)
         logger.info("holding concurrency limit %r after %.1f s", name, time.monotonic() - start)
         yield
 

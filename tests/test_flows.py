@@ -1,7 +1,8 @@
 """The Prefect flow against a Prefect test server and throw-away DVC repositories.
 
-One session-scoped `prefect_test_harness` (it takes ~12 s to start); each test copies a
-git+DVC template repository and writes its own trivial stages (`stages.py <name>`).
+One module-scoped `prefect_test_harness` that requires an API auth string (it takes ~12 s to
+start); each test copies a git+DVC template repository and writes its own trivial stages
+(`stages.py <name>`).
 """
 
 from __future__ import annotations
