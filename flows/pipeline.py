@@ -58,7 +58,7 @@ import socket
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -250,9 +250,13 @@ def may_train(plan: Sequence[PlannedStage], params: Mapping[str, ParamValue]) ->
 
 @contextmanager
 def training_slot(name: str, cancelled: CancelCheck) -> Iterator[None]:
-    """Hold a slot of the Prefect global concurrency limit `name`, waiting in its queue (and asking
-    `cancelled` every `CANCEL_POLL_S`); the limit is created with one slot when it does not exist
-    yet (change it with `prefect gcl update`)."""
+    """Hold a slot of the Prefect global concurrency limit `name`, waiting in its queue; the limit
+    is created with one slot when it does not exist yet (change it with `prefect gcl update`).
+
+    While every slot is taken, the run asks every `CANCEL_POLL_S` whether one is free and whether
+    it was cancelled; only then does it enter Prefect's acquisition, which a cancel does not
+    interrupt (short, unless another run takes the freed slot first). Prefect's acquisition with a
+    timeout would log an error at every try."""
     with get_client(sync_client=True) as client:
         try:
             client.read_global_concurrency_limit_by_name(name)
@@ -261,20 +265,16 @@ def training_slot(name: str, cancelled: CancelCheck) -> Iterator[None]:
                 client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
             except ObjectAlreadyExists:  # another run created it meanwhile
                 pass
-    logger = get_run_logger()
-    logger.info("waiting for a slot of concurrency limit %r (one training run per node)", name)
-    start = time.monotonic()
-    with ExitStack() as slot:
+        logger = get_run_logger()
+        logger.info("waiting for a slot of concurrency limit %r (one training run per node)", name)
+        start = time.monotonic()
         while True:
-            try:  # one request per try: a timeout could cut off a granted request and leak its slot
-                slot.enter_context(concurrency(name, occupy=1, max_retries=0))
+            limit = client.read_global_concurrency_limit_by_name(name)
+            if not limit.active or limit.active_slots < limit.limit:
                 break
-            except Exception as exc:
-                full = exc.__cause__
-                if not (isinstance(full, httpx.HTTPStatusError) and full.response.status_code == httpx.codes.LOCKED):
-                    raise
             cancelled()
             time.sleep(CANCEL_POLL_S)
+    with concurrency(name, occupy=1):
         logger.info("holding concurrency limit %r after %.1f s", name, time.monotonic() - start)
         yield
 

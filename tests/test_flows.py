@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,6 +35,7 @@ if "PREFECT_HOME" not in os.environ:  # keep the user's ~/.prefect untouched
 import pytest  # noqa: E402
 import yaml  # noqa: E402
 from prefect import get_client  # noqa: E402
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate  # noqa: E402
 from prefect.client.schemas.filters import (  # noqa: E402
     ArtifactFilter,
     ArtifactFilterKey,
@@ -43,9 +45,10 @@ from prefect.client.schemas.filters import (  # noqa: E402
     LogFilterFlowRunId,
 )
 from prefect.client.schemas.objects import TaskRun  # noqa: E402
+from prefect.concurrency.sync import concurrency  # noqa: E402
 from prefect.deployments import run_deployment  # noqa: E402
-from prefect.logging.handlers import APILogWorker  # noqa: E402
 from prefect.exceptions import PrefectHTTPStatusError  # noqa: E402
+from prefect.logging.handlers import APILogWorker  # noqa: E402
 from prefect.settings import (  # noqa: E402
     PREFECT_API_AUTH_STRING,
     PREFECT_API_URL,
@@ -509,6 +512,44 @@ def test_cancel_stops_a_run_started_from_the_command_line(harness: None, make_re
     assert stage.state is not None and stage.state.is_cancelled(), stage.state
     assert not (repo / "plain.count").exists()
     assert not [r for r in _task_runs(flow_run.id) if r.name in ("after", "publish")]
+
+
+def test_cancel_stops_a_run_queued_for_the_training_slot(harness: None, make_repo: Callable[..., Path]) -> None:
+    """A run that waits for the node's training slot (held here, as by another training run) and
+    is cancelled meanwhile stops waiting, runs no stage and ends Cancelled."""
+    repo = make_repo({"train": {"cmd": f"{PY} stages.py plain", "outs": ["plain.txt"]}})
+    limit = "test-queued-cancel"
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=limit, limit=1))
+
+    class CancelWhenQueued(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "waiting for a slot of concurrency limit" in record.getMessage():
+                with get_client(sync_client=True) as client:
+                    client.set_flow_run_state(UUID(getattr(record, "flow_run_id")), Cancelling())
+
+    held, done = threading.Event(), threading.Event()
+
+    def hold_slot() -> None:  # for a minute at most: a run that ignores the cancel trains after it
+        with concurrency(limit, occupy=1, strict=True):
+            held.set()
+            done.wait(60)
+
+    holder = threading.Thread(target=hold_slot, daemon=True)
+    holder.start()
+    assert held.wait(60)
+    handler = CancelWhenQueued()
+    flow_logger = logging.getLogger("prefect.flow_runs")
+    flow_logger.addHandler(handler)
+    try:
+        state = pipeline(repo_dir=str(repo), train_limit=limit, retries=0, return_state=True)
+    finally:
+        flow_logger.removeHandler(handler)
+        done.set()
+        holder.join()
+    assert state.is_cancelled(), state
+    assert not (repo / "plain.count").exists()
+    assert not [r for r in _task_runs(state.state_details.flow_run_id) if r.name == "train"]
 
 
 def test_server_refuses_a_client_without_the_auth_string(harness: None) -> None:
