@@ -4,6 +4,14 @@ DVC owns the pipeline and the cache; Prefect adds scheduling, retries, live logs
 (`flows.summary`). Every DVC command runs in its own process group, its output streamed to the
 run logger, the whole group stopped on cancel or timeout (`flows.processes`).
 
+Cancel
+    Cancel in the UI (or `prefect flow-run cancel`) sets the run Cancelling. A runner or worker
+    stops the runs it started from a deployment (SIGTERM to the flow process); nothing stops a run
+    started by `python -m flows.pipeline run`. So the flow itself asks the API: between steps,
+    and every `CANCEL_POLL_S` while a stage runs or the run waits for its training slot. Once
+    Cancelling, the stage's process group gets SIGTERM (training writes its checkpoint) and
+    SIGKILL after `kill_grace_s`, no further step runs, and the run ends Cancelled.
+
 Stage order
     DVC plans the run exactly as `dvc repro [target]` would (`flows.dvc_commands.read_plan`).
     Each stage then runs as its own task, `dvc repro --single-item <stage>`, so DVC still decides
@@ -53,7 +61,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
+import httpx
 from prefect import flow, get_client, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
@@ -61,7 +71,7 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.runtime import flow_run
-from prefect.states import State
+from prefect.states import Cancelled, State
 from prefect.tasks import Task
 
 from flows.dvc_commands import (
@@ -82,6 +92,33 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 FLOW_NAME = "unite-pipeline"
 TRAIN_STAGE = "train"  # its metrics file (dvc.yaml) holds the latest log row, kept current while it runs
 TRAIN_LIMIT = "unite-train-{host}"  # the Prefect concurrency limit that queues training on one node
+CANCEL_POLL_S = 2.0  # how often a running stage, or a run queued for its training slot, asks if it was cancelled
+
+
+class RunCancelled(Exception):
+    """This flow run was set to Cancelling (Cancel in the UI, `prefect flow-run cancel`)."""
+
+
+class CancelCheck:
+    """Raises `RunCancelled` once this flow run is Cancelling; asks the API at most every `every_s`."""
+
+    def __init__(self, every_s: float = 0.0) -> None:
+        self.flow_run_id = UUID(flow_run.get_id())
+        self.every_s = every_s
+        self.next_s = 0.0
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if now < self.next_s:
+            return
+        self.next_s = now + self.every_s
+        try:
+            with get_client(sync_client=True) as client:
+                state = client.read_flow_run(self.flow_run_id).state
+        except httpx.HTTPError:  # an API that is briefly unreachable must not stop a training run
+            return
+        if state is not None and state.is_cancelling():
+            raise RunCancelled(f"flow run cancelled: {state.message or 'set Cancelling'}")
 
 
 def _retry_transient(_task: Task[..., Any], _task_run: TaskRun, state: State[Any]) -> bool:
@@ -123,14 +160,27 @@ def _progress_file(stage: PlannedStage) -> str | None:
 
 @task(name="stage", task_run_name="{stage}", **_TASK_OPTIONS)
 def run_stage(stage: str, repo_dir: str, env: dict[str, str], kill_grace_s: float = KILL_GRACE_S,
-              progress_file: str | None = None) -> StageResult:
+              progress_file: str | None = None) -> StageResult | State[Any]:
     """`dvc repro --single-item <stage>`; DVC skips it when nothing it depends on changed. While it
-    runs, the training rows in `progress_file` (if given) feed the progress artifact."""
+    runs, the training rows in `progress_file` (if given) feed the progress artifact. When the flow
+    run is cancelled the stage is stopped and the task returns, and ends in, a Cancelled state."""
     logger = get_run_logger()
     start = time.monotonic()
     progress = TrainProgress(Path(repo_dir), progress_file) if progress_file else None
-    output = run_dvc(["repro", "--single-item", stage], f"stage {stage!r}", Path(repo_dir),
-                     logger.info, env=env, kill_grace_s=kill_grace_s, tick=progress.update if progress else None)
+    cancelled = CancelCheck(CANCEL_POLL_S)
+
+    def tick() -> None:
+        cancelled()  # raising stops the stage's process group: SIGTERM, SIGKILL after kill_grace_s
+        if progress is not None:
+            progress.update()
+
+    try:
+        cancelled()
+        output = run_dvc(["repro", "--single-item", stage], f"stage {stage!r}", Path(repo_dir),
+                         logger.info, env=env, kill_grace_s=kill_grace_s, tick=tick)
+    except RunCancelled as exc:
+        logger.warning("stage %r stopped after %.1f s: %s", stage, time.monotonic() - start, exc)
+        return Cancelled(message=f"stage {stage!r} stopped: {exc}")
     if progress is not None:
         progress.update(force=True)
     result = StageResult(stage, output.outcome, round(time.monotonic() - start, 1))
@@ -199,9 +249,14 @@ def may_train(plan: Sequence[PlannedStage], params: Mapping[str, ParamValue]) ->
 
 
 @contextmanager
-def training_slot(name: str) -> Iterator[None]:
+def training_slot(name: str, cancelled: CancelCheck) -> Iterator[None]:
     """Hold a slot of the Prefect global concurrency limit `name`, waiting in its queue; the limit
-    is created with one slot when it does not exist yet (change it with `prefect gcl update`)."""
+    is created with one slot when it does not exist yet (change it with `prefect gcl update`).
+
+    While every slot is taken, the run asks every `CANCEL_POLL_S` whether one is free and whether
+    it was cancelled; only then does it enter Prefect's acquisition, which a cancel does not
+    interrupt (short, unless another run takes the freed slot first). Prefect's acquisition with a
+    timeout would log an error at every try."""
     with get_client(sync_client=True) as client:
         try:
             client.read_global_concurrency_limit_by_name(name)
@@ -210,9 +265,15 @@ def training_slot(name: str) -> Iterator[None]:
                 client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
             except ObjectAlreadyExists:  # another run created it meanwhile
                 pass
-    logger = get_run_logger()
-    logger.info("waiting for a slot of concurrency limit %r (one training run per node)", name)
-    start = time.monotonic()
+        logger = get_run_logger()
+        logger.info("waiting for a slot of concurrency limit %r (one training run per node)", name)
+        start = time.monotonic()
+        while True:
+            limit = client.read_global_concurrency_limit_by_name(name)
+            if not limit.active or limit.active_slots < limit.limit:
+                break
+            cancelled()
+            time.sleep(CANCEL_POLL_S)
     with concurrency(name, occupy=1):
         logger.info("holding concurrency limit %r after %.1f s", name, time.monotonic() - start)
         yield
@@ -232,33 +293,48 @@ def pipeline(
     stage_timeout_s: float | None = None,
     kill_grace_s: float = KILL_GRACE_S,
     train_limit: str | None = None,
-) -> dict[str, dict[str, Any]]:
+) -> dict[str, dict[str, Any]] | State[Any]:
     """Run the DVC stages up to `target` (all by default), then publish metrics and grids.
 
     `params` are `dvc exp run -S` overrides ({"train.lr": 0.001}); with them the run is saved as
     DVC experiment `exp_name` (default: this flow run's name). A run that may train first waits
     for the node's training slot, the Prefect concurrency limit `train_limit` (default
     `unite-train-<host name>`), and holds it until its experiment is saved. Returns the metrics
-    per file.
+    per file, or a Cancelled state once the run is cancelled.
     """
     root = str(Path(repo_dir).resolve() if repo_dir else REPO_ROOT)
     options: dict[str, Any] = dict(retries=retries, retry_delay_seconds=retry_delay_s)
     overrides: list[str] = []
     env: dict[str, str] = {}
     name = None
-    plan = plan_stages.with_options(**options)(root, target, kill_grace_s, check_changed=True)
-    slot = train_limit or TRAIN_LIMIT.format(host=socket.gethostname())
-    with training_slot(slot) if may_train(plan, params or {}) else nullcontext():
-        if params:  # before planning again: a `matrix:` over a params list changes the stages
-            name = exp_name or str(flow_run.get_name())
-            overrides = set_params.with_options(**options)(root, params, name)
-            env["DVC_EXP_NAME"] = name
-            plan = plan_stages.with_options(**options)(root, target, kill_grace_s)
-        stage_task = run_stage.with_options(**options, timeout_seconds=stage_timeout_s)
-        results = [stage_task(stage.name, root, env, kill_grace_s, _progress_file(stage)) for stage in plan]
-        if name is not None:
-            save_experiment.with_options(**options)(root, name, plan, kill_grace_s)
-    return publish.with_options(**options)(root, plan, results, target, overrides, name, kill_grace_s)
+    cancelled = CancelCheck()
+    try:
+        plan = plan_stages.with_options(**options)(root, target, kill_grace_s, check_changed=True)
+        slot = train_limit or TRAIN_LIMIT.format(host=socket.gethostname())
+        with training_slot(slot, cancelled) if may_train(plan, params or {}) else nullcontext():
+            if params:  # before planning again: a `matrix:` over a params list changes the stages
+                cancelled()
+                name = exp_name or str(flow_run.get_name())
+                overrides = set_params.with_options(**options)(root, params, name)
+                env["DVC_EXP_NAME"] = name
+                plan = plan_stages.with_options(**options)(root, target, kill_grace_s)
+            stage_task = run_stage.with_options(**options, timeout_seconds=stage_timeout_s)
+            results: list[StageResult] = []
+            for stage in plan:
+                result = stage_task(stage.name, root, env, kill_grace_s, _progress_file(stage))
+                if isinstance(result, State):  # the stage was stopped: the run was cancelled
+                    return result
+                results.append(result)
+            if name is not None:
+                cancelled()
+                save_experiment.with_options(**options)(root, name, plan, kill_grace_s)
+        cancelled()
+        metrics = publish.with_options(**options)(root, plan, results, target, overrides, name, kill_grace_s)
+        cancelled()  # the API accepts no end but Cancelled for a Cancelling run
+    except RunCancelled as exc:
+        get_run_logger().warning("%s; no further step runs", exc)
+        return Cancelled(message=str(exc))
+    return metrics
 
 
 # ---------------------------------------------------------------- CLI

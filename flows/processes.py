@@ -3,9 +3,9 @@
 Every command runs in its own session (process group). Its merged stdout/stderr goes line by line
 to a callback as it arrives (`PYTHONUNBUFFERED=1` for Python commands; carriage-return progress
 bars keep their last state). When the command must stop early (flow cancelled: the runner's
-SIGTERM reaches the flow as `TerminationSignal`; task timeout; Ctrl-C) the whole group gets SIGTERM
-and, after `kill_grace_s`, SIGKILL, so `torchrun` workers die with it. Processes the command
-leaves behind after its leader exits are stopped the same way.
+SIGTERM reaches the flow as `TerminationSignal`, or the `tick` callback raises; task timeout;
+Ctrl-C) the whole group gets SIGTERM and, after `kill_grace_s`, SIGKILL, so `torchrun` workers die
+with it. Processes the command leaves behind after its leader exits are stopped the same way.
 """
 
 import os
@@ -95,7 +95,7 @@ def run_streamed(
     The group is stopped (SIGTERM, then SIGKILL) if anything interrupts the wait, and when
     processes outlive the leader. Waiting polls a queue so that Prefect's timeout and
     cancellation exceptions are delivered promptly even when the command prints nothing;
-    `tick` is called at every poll and line.
+    `tick` is called at every poll and line, and stops the command by raising.
     """
     proc = subprocess.Popen(
         list(cmd),

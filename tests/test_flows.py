@@ -1,7 +1,8 @@
 """The Prefect flow against a Prefect test server and throw-away DVC repositories.
 
-One session-scoped `prefect_test_harness` (it takes ~12 s to start); each test copies a
-git+DVC template repository and writes its own trivial stages (`stages.py <name>`).
+One module-scoped `prefect_test_harness` that requires an API auth string (it takes ~12 s to
+start); each test copies a git+DVC template repository and writes its own trivial stages
+(`stages.py <name>`).
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ import atexit
 import json
 import logging
 import os
+import secrets
 import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,6 +35,7 @@ if "PREFECT_HOME" not in os.environ:  # keep the user's ~/.prefect untouched
 import pytest  # noqa: E402
 import yaml  # noqa: E402
 from prefect import get_client  # noqa: E402
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate  # noqa: E402
 from prefect.client.schemas.filters import (  # noqa: E402
     ArtifactFilter,
     ArtifactFilterKey,
@@ -41,9 +45,16 @@ from prefect.client.schemas.filters import (  # noqa: E402
     LogFilterFlowRunId,
 )
 from prefect.client.schemas.objects import TaskRun  # noqa: E402
+from prefect.concurrency.sync import concurrency  # noqa: E402
 from prefect.deployments import run_deployment  # noqa: E402
+from prefect.exceptions import PrefectHTTPStatusError  # noqa: E402
 from prefect.logging.handlers import APILogWorker  # noqa: E402
-from prefect.settings import PREFECT_API_URL  # noqa: E402
+from prefect.settings import (  # noqa: E402
+    PREFECT_API_AUTH_STRING,
+    PREFECT_API_URL,
+    PREFECT_SERVER_API_AUTH_STRING,
+    temporary_settings,
+)
 from prefect.states import Cancelling  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
@@ -174,13 +185,28 @@ def _git(repo: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout
 
 
+API_AUTH = f"unite-test-{secrets.token_urlsafe(16)}"
+
+# A stage that records the SIGTERM it gets (as training does, writing its checkpoint) and leaves a
+# child `sleep` in its process group.
+RECORDS_SIGTERM = "trap 'echo TERM > term.txt; exit 143' TERM; sleep 300 & echo $! > child.pid; wait"
+
+
 @pytest.fixture(scope="module")
 def harness() -> Iterator[None]:
     """A temporary Prefect server for this module only: while it runs, the events client's
     websocket keepalive pings draw from the global `random` generator, which would break the
-    bit-exact RNG checks of the training tests that run later in the same process."""
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+    bit-exact RNG checks of the training tests that run later in the same process.
+
+    The server requires an API auth string, as the README's cluster setup runs it: this process
+    and every command the tests start send it (PREFECT_API_AUTH_STRING in their environment)."""
+    with (
+        pytest.MonkeyPatch.context() as patch,
+        temporary_settings(updates={PREFECT_SERVER_API_AUTH_STRING: API_AUTH, PREFECT_API_AUTH_STRING: API_AUTH}),
+    ):
+        patch.setenv("PREFECT_API_AUTH_STRING", API_AUTH)
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
 
 
 @pytest.fixture(scope="session")
@@ -411,8 +437,9 @@ def test_served_deployment_runs_on_cron_and_cancel_kills_the_stage_group(
     harness: None, make_repo: Callable[..., Path]
 ) -> None:
     """`serve` registers the cron deployment; cancelling its run (as the UI does) makes the
-    runner SIGTERM the flow-run process, which must take the stage's process group with it."""
-    repo = make_repo({"hang": {"cmd": "sleep 300 & echo $! > child.pid; wait", "outs": ["never.txt"]}})
+    runner SIGTERM the flow-run process, which must take the stage's process group with it,
+    SIGTERM first."""
+    repo = make_repo({"hang": {"cmd": RECORDS_SIGTERM, "outs": ["never.txt"]}})
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
     server = subprocess.Popen(
         [sys.executable, "-m", "flows.pipeline", "serve", "--cron", "5 4 * * *", "--name", "nightly",
@@ -442,12 +469,100 @@ def test_served_deployment_runs_on_cron_and_cancel_kills_the_stage_group(
             client.set_flow_run_state(flow_run.id, Cancelling())
             assert _wait_until(lambda: client.read_flow_run(flow_run.id).state.is_cancelled(), 60, every=0.5)
         assert _wait_until(lambda: not _alive(child), 5), f"sleep {child} survived the cancelled run"
+        assert (repo / "term.txt").read_text().strip() == "TERM"
     finally:
         server.send_signal(signal.SIGTERM)
         try:
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
+
+
+def test_cancel_stops_a_run_started_from_the_command_line(harness: None, make_repo: Callable[..., Path]) -> None:
+    """No runner stops a `python -m flows.pipeline run`: cancelling it (as the UI does) must still
+    SIGTERM the stage's process group, stop its children, run no later stage, and end the run and
+    the stage Cancelled."""
+    repo = make_repo({
+        "hang": {"cmd": RECORDS_SIGTERM, "outs": ["never.txt"]},
+        "after": {"cmd": f"{PY} stages.py plain", "deps": ["never.txt"], "outs": ["plain.txt"]},
+    })
+    out = repo.parent / "run.out"
+    with open(out, "wb") as log:
+        run = subprocess.Popen([sys.executable, "-m", "flows.pipeline", "run", "--repo", str(repo), "--retries", "0"],
+                               cwd=ROOT, env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()},
+                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        pid_file = repo / "child.pid"
+        assert _wait_until(lambda: pid_file.is_file() and pid_file.read_text().strip() != "", 120), out.read_text()
+        child = int(pid_file.read_text())
+        with get_client(sync_client=True) as client:
+            (flow_run,) = [r for r in client.read_flow_runs() if r.parameters.get("repo_dir") == str(repo)]
+            client.set_flow_run_state(flow_run.id, Cancelling())
+            cancelled_at = time.monotonic()
+            assert run.wait(timeout=60) == 1, out.read_text()
+            print(f"cancel -> flow process exit: {time.monotonic() - cancelled_at:.1f} s")
+            state = client.read_flow_run(flow_run.id).state
+        assert state is not None and state.is_cancelled(), (state, out.read_text())
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert not _alive(child), f"sleep {child} survived the cancelled run"
+    assert (repo / "term.txt").read_text().strip() == "TERM"
+    stage = _stage_run(flow_run.id, "hang")
+    assert stage.state is not None and stage.state.is_cancelled(), stage.state
+    assert not (repo / "plain.count").exists()
+    assert not [r for r in _task_runs(flow_run.id) if r.name in ("after", "publish")]
+
+
+def test_cancel_stops_a_run_queued_for_the_training_slot(harness: None, make_repo: Callable[..., Path]) -> None:
+    """A run that waits for the node's training slot (held here, as by another training run) and
+    is cancelled meanwhile stops waiting, runs no stage and ends Cancelled."""
+    repo = make_repo({"train": {"cmd": f"{PY} stages.py plain", "outs": ["plain.txt"]}})
+    limit = "test-queued-cancel"
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=limit, limit=1))
+
+    class CancelWhenQueued(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "waiting for a slot of concurrency limit" in record.getMessage():
+                with get_client(sync_client=True) as client:
+                    client.set_flow_run_state(UUID(getattr(record, "flow_run_id")), Cancelling())
+
+    held, done = threading.Event(), threading.Event()
+
+    def hold_slot() -> None:  # for a minute at most: a run that ignores the cancel trains after it
+        with concurrency(limit, occupy=1, strict=True):
+            held.set()
+            done.wait(60)
+
+    holder = threading.Thread(target=hold_slot, daemon=True)
+    holder.start()
+    assert held.wait(60)
+    handler = CancelWhenQueued()
+    flow_logger = logging.getLogger("prefect.flow_runs")
+    flow_logger.addHandler(handler)
+    try:
+        state = pipeline(repo_dir=str(repo), train_limit=limit, retries=0, return_state=True)
+    finally:
+        flow_logger.removeHandler(handler)
+        done.set()
+        holder.join()
+    assert state.is_cancelled(), state
+    assert not (repo / "plain.count").exists()
+    assert not [r for r in _task_runs(state.state_details.flow_run_id) if r.name == "train"]
+
+
+def test_server_refuses_a_client_without_the_auth_string(harness: None) -> None:
+    """Every other test here reaches the server with the auth string; without it, or with another
+    one, the API answers 401 (the health check stays open for probes)."""
+    with get_client(sync_client=True) as client:
+        client.read_flows()
+        for auth in (None, "guessed"):
+            with temporary_settings(updates={PREFECT_API_AUTH_STRING: auth}), get_client(sync_client=True) as stranger:
+                with pytest.raises(PrefectHTTPStatusError) as refused:
+                    stranger.read_flows()
+                assert refused.value.response.status_code == 401
+                assert stranger.api_healthcheck() is None
 
 
 @pytest.mark.slow
