@@ -19,6 +19,7 @@ import yaml
 
 from stages.preset import merge_params
 from stages.rehearse import copy_files
+from stages.train import STORE_ENV
 from test_pipeline import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +64,14 @@ class Repo:
         params_file.write_text(yaml.safe_dump(merge_params(yaml.safe_load(params_file.read_text()), changes)))
 
     def checkpoints(self) -> list[Path]:
-        return sorted((self.path / "checkpoints").glob("*/checkpoints/step_*.pt"))
+        return sorted(Path(self.env[STORE_ENV]).glob("*/checkpoints/step_*.pt"))
+
+    def forget_training(self) -> None:
+        """Remove the recipe's runs from the checkpoint store and the final model, so that the
+        train stage trains from scratch (the job then runs `dvc repro --no-run-cache`: DVC's
+        run-cache would otherwise restore the model without training)."""
+        subprocess.run(["rm", "-rf", *Path(self.env[STORE_ENV]).glob("*"), self.path / "models" / "final.pt"],
+                       check=True)
 
     def queue(self) -> str:
         return subprocess.run(["squeue", "-h"], env=self.env, capture_output=True, text=True, check=True).stdout
@@ -154,8 +162,8 @@ def test_failing_ranks_fail_the_job_and_leave_dvc_lock_alone(repo):
 
 def test_ctrl_c_of_submit_cancels_the_job_after_training_checkpoints(repo):
     lock = (repo.path / "dvc.lock").read_bytes()
-    subprocess.run(["rm", "-rf", repo.path / "checkpoints", repo.path / "models" / "final.pt"], check=True)
-    submitted = repo.submit()
+    repo.forget_training()
+    submitted = repo.submit("--", "repro", "--no-run-cache")
     job_id, log = job_of(submitted)
     wait_for_checkpoint(repo, submitted)
     submitted.send_signal(signal.SIGINT)
@@ -170,8 +178,8 @@ def test_ctrl_c_of_submit_cancels_the_job_after_training_checkpoints(repo):
 def test_the_time_limit_warning_checkpoints_requeues_and_resumes(repo):
     """Slurm's warning before the time limit is SIGUSR1 to the batch script (#SBATCH --signal=B:USR1@...);
     it is sent here as soon as training is mid-run, as Slurm would send it at a short limit."""
-    subprocess.run(["rm", "-rf", repo.path / "checkpoints", repo.path / "models" / "final.pt"], check=True)
-    submitted = repo.submit()
+    repo.forget_training()
+    submitted = repo.submit("--", "repro", "--no-run-cache")
     job_id, log = job_of(submitted)
     wait_for_checkpoint(repo, submitted)
     subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], env=repo.env, check=True)
