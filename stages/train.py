@@ -5,9 +5,9 @@ afresh while a rerun of the same recipe resumes, also on another number of proce
 lies outside the workspace (UNITE_CHECKPOINT_STORE, by default $XDG_CACHE_HOME/unite/checkpoints
 or ~/.cache/unite/checkpoints), so every workspace on a machine (a second clone, the temporary
 copies of `dvc exp run --queue` and `--temp`, Prefect runs) resumes and reuses the same runs. The
-checkpoint at max_steps is linked to --final. The --table tsv and the --metrics json are put back from the
-checkpoint folder when the stage starts (DVC deletes them before running it) and kept current by
-the trainer at every log interval.
+checkpoint at max_steps is linked to --final. The --table tsv and the --metrics json are put back
+from the checkpoint folder when the stage starts (DVC deletes them before running it) and kept
+current by the trainer at every log interval.
 """
 
 import hashlib
