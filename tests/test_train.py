@@ -640,4 +640,4 @@ def test_no_readable_checkpoint_stops_with_one_line(tmp_path: Path) -> None:
                       "as *.unreadable); restore a good step_*.pt there to resume, or remove the folder to start "
                       "afresh"]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
-        "step_00000002.pt.unreadable", "step_00000004.pt.unreadable"]
+        "milestones.json", "step_00000002.pt.unreadable", "step_00000004.pt.unreadable"]
