@@ -17,10 +17,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
+from offline_page import PageReferences, network_urls
 from stages.preset import merge_params
 from stages.rehearse import copy_files
+from unite.evaluation import load_split
+from unite.metrics.class_consistency import class_consistency
+from unite.metrics.pixel_classifiers import PixelClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -70,6 +75,7 @@ class Repo:
 def repo(tmp_path_factory) -> Repo:
     path = tmp_path_factory.mktemp("pipeline") / "repo"
     copy_files(path)
+    assert not (path / "dvc.lock").exists() and not (path / "metrics").exists()  # a pipeline never run
     repo = Repo(path)
     repo.set_params(TINY)
     repo.run("git", "init", "-q")
@@ -86,11 +92,20 @@ def test_repro_runs_every_stage_and_reports_metrics(repo):
         assert f"Running stage '{stage}'" in repo.first.stdout, stage
     assert repo.metrics("train")["step"] == 4
     sweep = repo.metrics("sweep")
-    assert len(sweep["points"]) >= 3 and sweep["chosen"]["frechet_distance"] >= 0
+    assert len(sweep["points"]) >= 3
+    # The chosen setting is the searched point of least Frechet distance (the wide points only report).
+    searched = [point for point in sweep["points"] if point["stage"] != "sweep"]
+    assert sweep["chosen"] == min(searched, key=lambda point: point["frechet_distance"])
     assert [p["stage"] for p in sweep["points"]][-1] == "sweep" and sweep["points"][-1]["norm_order"] == "cfg_first"
     evaluation = repo.metrics("eval")
     assert evaluation["generation"]["num_images"] == 20
-    assert 0 <= evaluation["generation"]["class_consistency"] <= 1
+    # Class consistency counted block by block as the images stream equals its count over the
+    # saved images (class i mod 10 for image i).
+    with np.load(repo.path / "samples" / "images.npz") as data:
+        images = torch.from_numpy(data["arr_0"]).permute(0, 3, 1, 2)
+    judge = PixelClassifier(*load_split(repo.path / "data" / "shards" / "train"))
+    expected = class_consistency(judge, images, torch.arange(len(images)) % 10)
+    assert evaluation["generation"]["class_consistency"] == expected
     assert evaluation["reconstruction"]["num_images"] == repo.metrics("shard")["val"]["written"]
     assert (repo.path / "samples" / "grid.png").is_file()
     shown = json.loads(repo.run("dvc", "metrics", "show", "--json").stdout)
@@ -98,9 +113,7 @@ def test_repro_runs_every_stage_and_reports_metrics(repo):
 
 
 def test_second_repro_runs_nothing(repo):
-    start = time.monotonic()
     result = repo.run("dvc", "repro")
-    assert time.monotonic() - start < 30
     assert "Running stage" not in result.stdout
     assert "Data and pipelines are up to date." in result.stdout
 
@@ -108,26 +121,14 @@ def test_second_repro_runs_nothing(repo):
 def test_plots_and_the_report_render_offline(repo, tmp_path):
     """`dvc plots show`, and `dvc plots diff` of two experiments, write pages that load nothing from
     the network and show every declared image plot as a PNG; reports/report.html embeds its figures."""
-    from html.parser import HTMLParser
-    from urllib.parse import urlparse
-
     from PIL import Image
 
-    class Page(HTMLParser):
-        def __init__(self, path: Path):
-            super().__init__()
-            self.urls: list[str] = []
-            self.feed(path.read_text())
-
-        def handle_starttag(self, tag, attrs):
-            self.urls += [value for name, value in attrs if name in ("src", "href", "data", "srcset") and value]
-
     def check(page_file: Path, revs: list[str]) -> dict[str, bytes]:
-        page = Page(page_file)
-        assert [u for u in page.urls if urlparse(u).scheme not in ("", "data")] == [], page_file
+        page = PageReferences(page_file.read_text())
+        assert network_urls(page_file.read_text()) == [], page_file
         assert page_file.read_text().count("vegaEmbed(") >= 2  # the loss curves and the sweep
         pngs = {}
-        for url in page.urls:
+        for url in page.attributes:
             with Image.open(page_file.parent / url) as image:
                 assert image.format == "PNG", url
             pngs[url] = (page_file.parent / url).read_bytes()
@@ -139,8 +140,10 @@ def test_plots_and_the_report_render_offline(repo, tmp_path):
     declared = yaml.safe_load((repo.path / "dvc.yaml").read_text())["plots"]
     images = [plot for plot in declared if isinstance(plot, str) and plot.endswith(".png")]
     assert len(images) == 6
-    report = Page(repo.path / "reports" / "report.html")
-    assert len(report.urls) == len(images) and all(u.startswith("data:image/png;base64,") for u in report.urls)
+    report_page = (repo.path / "reports" / "report.html").read_text()
+    assert network_urls(report_page) == []
+    report = PageReferences(report_page).attributes
+    assert len(report) == len(images) and all(u.startswith("data:image/png;base64,") for u in report)
 
     repo.run("dvc", "plots", "show", "-o", str(tmp_path / "show"))
     check(tmp_path / "show" / "index.html", ["workspace"])
