@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import torch
 import torchvision
+from torch.hub import HASH_REGEX
+from torchvision.models import VGG16_Weights
+from torchvision.models.vgg import cfgs, make_layers
 
 from conftest import small_config
 from unite.model import UNITE
+import unite.perceptual as perceptual
+from unite.metrics.reconstruction import reconstruction_metrics
 from unite.perceptual import build_lpips
 
 
@@ -44,3 +51,23 @@ def test_vgg_trunk_is_loaded_from_the_cache_file(tmp_path, monkeypatch):
     # The package's calibrated linear heads are loaded too (not the random init).
     head = lpips_module.lin0.model[1].weight
     assert (head >= 0).all() and head.abs().sum() > 0
+
+
+def test_the_official_vgg16_file_is_named_by_the_sha256_prefix_of_its_release():
+    assert VGG16_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[1] == perceptual.VGG16_FILE
+    assert HASH_REGEX.search(perceptual.VGG16_FILE).group(1) == perceptual.VGG16_SHA256_PREFIX
+
+
+def test_the_lpips_scores_say_whether_the_vgg16_file_is_the_official_one(tmp_path, monkeypatch):
+    """The official file cannot be downloaded here: the check is shown the stand-in file's own
+    sha256 prefix (hashlib's) as the official one (the rehearsal sees the other answer)."""
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(make_layers(cfgs["D"]).state_dict(prefix="features."), cache / "vgg16-397923af.pth")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    sha256 = hashlib.sha256((cache / "vgg16-397923af.pth").read_bytes()).hexdigest()
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(perceptual, "VGG16_SHA256_PREFIX", sha256[:8])
+    lpips = build_lpips()
+    assert reconstruction_metrics([(images, images.flip(-1))], lpips=lpips)["lpips_weights"] == "official"

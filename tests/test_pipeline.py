@@ -1,7 +1,8 @@
 """The real DVC pipeline on the demo, shrunk to a handful of steps and samples, in a temporary copy
 of the repository: a full `dvc repro`, a no-op rerun, an evaluation-only change, a SIGKILL of the
 train stage followed by a resuming rerun (training metrics readable mid-run, no row lost or repeated),
-a failed train run followed by a good one, and a corrupt source image."""
+a SIGTERM of a two-rank train stage resumed on one rank, a failed train run followed by a good one,
+and a corrupt source image."""
 
 from __future__ import annotations
 
@@ -220,6 +221,51 @@ def test_a_killed_train_stage_resumes(repo, tmp_path):
     # Every second step and the steps each run stopped at, once each.
     expected = sorted(set(range(2, stopped_step + 5, 2)) | {stopped_step, stopped_step + 4})
     assert repo.logged_steps() == expected
+
+
+def test_a_preempted_two_rank_train_stage_resumes_on_one(repo, tmp_path):
+    """SIGTERM to `dvc repro`'s process group, as a preempted job gets it, reaches the torchrun
+    launcher, whose two workers finish their step and write a checkpoint; `dvc repro` after
+    `train.nproc_per_node` changed to 1 resumes that checkpoint, in the same folder (its key leaves
+    out the process count)."""
+    start_step = repo.metrics("train")["step"]
+    repo.set_params({"train": {"nproc_per_node": 2, "max_steps": 100_000}})
+    log = tmp_path / "preempted.log"
+    with open(log, "w") as log_file:
+        process = subprocess.Popen(["dvc", "repro", "train"], cwd=repo.path, env=repo.env, start_new_session=True,
+                                   stdout=log_file, stderr=subprocess.STDOUT)
+
+    def last_logged() -> int:
+        try:  # DVC deletes the declared metrics before the stage runs
+            return repo.logged_steps()[-1]
+        except (FileNotFoundError, IndexError):
+            return 0
+
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and last_logged() < start_step + 4:
+        assert process.poll() is None, log.read_text()
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGTERM)
+    process.wait()
+    deadline = time.monotonic() + 120  # the workers finish their step and say so
+    while time.monotonic() < deadline and "SIGTERM received" not in log.read_text():
+        time.sleep(0.1)
+    text = log.read_text()
+    assert "the checkpoint was written by 1 process(es), this run has 2" in text, text
+    stopped = re.search(r"SIGTERM received; finished step (\d+), wrote (\S+)\.", text)
+    assert stopped and int(stopped.group(1)) >= start_step + 4, text
+    stopped_step, written = int(stopped.group(1)), Path(stopped.group(2))
+    assert written.name == f"step_{stopped_step:08d}.pt"
+
+    repo.set_params({"train": {"nproc_per_node": 1, "max_steps": stopped_step + 2}})
+    result = repo.run("dvc", "repro", "train")
+    log_text = result.stdout + result.stderr
+    resumed = re.search(r"resuming from (\S+) at step (\d+)", log_text)
+    assert resumed and int(resumed.group(2)) == stopped_step, log_text
+    assert Path(resumed.group(1)).name == written.name
+    assert (repo.path / Path(resumed.group(1))).resolve().parent == (repo.path / written).resolve().parent
+    assert "the checkpoint was written by 2 process(es), this run has 1" in log_text
+    assert repo.metrics("train")["step"] == stopped_step + 2
 
 
 def test_a_failed_train_run_leaves_the_training_metrics_to_the_next(repo):
