@@ -9,7 +9,6 @@ import torch
 import torchvision
 from torch.hub import HASH_REGEX
 from torchvision.models import VGG16_Weights
-from torchvision.models.vgg import cfgs, make_layers
 
 from conftest import small_config
 from unite.model import UNITE
@@ -38,13 +37,20 @@ def test_no_lpips_without_perceptual_weight(tmp_path, monkeypatch):
 
 
 def test_vgg_trunk_is_loaded_from_the_cache_file(tmp_path, monkeypatch):
+    """...and the LPIPS scores say whether the file is the official one: it cannot be downloaded
+    here, so the check is shown this file's own sha256 prefix (hashlib's) as the official one (the
+    rehearsal sees the other answer)."""
     torch.manual_seed(0)
     trunk = torchvision.models.vgg16().state_dict()
     cache = tmp_path / "hub" / "checkpoints"
     cache.mkdir(parents=True)
     torch.save(trunk, cache / "vgg16-397923af.pth")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    sha256 = hashlib.sha256((cache / "vgg16-397923af.pth").read_bytes()).hexdigest()
+    monkeypatch.setattr(perceptual, "VGG16_SHA256_PREFIX", sha256[:8])
     lpips_module = build_lpips()
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert reconstruction_metrics([(images, images.flip(-1))], lpips=lpips_module)["lpips_weights"] == "official"
     assert torch.equal(lpips_module.net.slice1[0].weight, trunk["features.0.weight"])
     assert torch.equal(getattr(lpips_module.net.slice5, "28").bias, trunk["features.28.bias"])
     assert not any(p.requires_grad for p in lpips_module.parameters())
@@ -56,18 +62,3 @@ def test_vgg_trunk_is_loaded_from_the_cache_file(tmp_path, monkeypatch):
 def test_the_official_vgg16_file_is_named_by_the_sha256_prefix_of_its_release():
     assert VGG16_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[1] == perceptual.VGG16_FILE
     assert HASH_REGEX.search(perceptual.VGG16_FILE).group(1) == perceptual.VGG16_SHA256_PREFIX
-
-
-def test_the_lpips_scores_say_whether_the_vgg16_file_is_the_official_one(tmp_path, monkeypatch):
-    """The official file cannot be downloaded here: the check is shown the stand-in file's own
-    sha256 prefix (hashlib's) as the official one (the rehearsal sees the other answer)."""
-    cache = tmp_path / "hub" / "checkpoints"
-    cache.mkdir(parents=True)
-    torch.manual_seed(0)
-    torch.save(make_layers(cfgs["D"]).state_dict(prefix="features."), cache / "vgg16-397923af.pth")
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    sha256 = hashlib.sha256((cache / "vgg16-397923af.pth").read_bytes()).hexdigest()
-    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    monkeypatch.setattr(perceptual, "VGG16_SHA256_PREFIX", sha256[:8])
-    lpips = build_lpips()
-    assert reconstruction_metrics([(images, images.flip(-1))], lpips=lpips)["lpips_weights"] == "official"
