@@ -14,6 +14,7 @@ import itertools
 import math
 import multiprocessing
 import random
+import signal
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple
@@ -359,6 +360,15 @@ class Loader:
             yield Batch(images, labels, list(keys))
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """A loader worker leaves SIGTERM and SIGINT to the training process, which stops after a step
+    and writes a checkpoint: torchrun, told to stop, signals each rank's whole process group, and a
+    worker that died of it would fail the rank's next step, the checkpoint's included. The worker
+    still exits with its process (torch's watchdog) or on SIGKILL."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def shard_loader(
     shard_dir: str | Path,
     batch_size: int,
@@ -396,7 +406,7 @@ def shard_loader(
 
     def make() -> DataLoader:
         return DataLoader(stream, batch_size=batch_size, num_workers=num_workers,
-                          pin_memory=torch.cuda.is_available())
+                          pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_stop_signals)
 
     return Loader(stream, make)
 
@@ -440,6 +450,7 @@ def folder_loader(
             num_workers=num_workers,
             drop_last=train,
             pin_memory=torch.cuda.is_available(),
+            worker_init_fn=ignore_stop_signals,
         )
 
     return Loader(dataset, make)
