@@ -99,6 +99,13 @@ def _check_train(train: Any, shard_image_size: int | None) -> None:
 
     if not isinstance(train, dict):
         raise ConfigError(f"train: expected a mapping, got {train!r}")
+    model = train.get("model")
+    if isinstance(model, dict) and "lpips_random_backbone" in model:
+        raise ConfigError(
+            f"train.model.lpips_random_backbone={model['lpips_random_backbone']!r}: not a params.yaml key: a random "
+            "VGG16 trunk is for the library's tests, and no metric would record it; remove the key and put the "
+            "official vgg16-397923af.pth in $TORCH_HOME/hub/checkpoints (or set train.model.perceptual_weight: 0)"
+        )
     for key, expected in TRAIN_STAGE_KEYS.items():
         if key not in train:
             raise ConfigError(f"train.{key}: required key is missing")

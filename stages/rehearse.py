@@ -137,14 +137,29 @@ def write_jit_stats(path: Path, images: torch.Tensor, inception_weights: Path) -
     np.savez(path, mu=stats.mu, sigma=stats.sigma)
 
 
-def copy_files(target: Path) -> None:
-    """Copy the repository's files as a fresh clone has them (plus uncommitted, not ignored ones)."""
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                            text=True, check=True).stdout.splitlines()
+def pipeline_outputs(root: Path) -> set[str]:
+    """dvc.lock and every path that a stage of root's dvc.yaml writes (outs, metrics, plots)."""
+    stages = (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages", {})
+    outputs = {"dvc.lock"}
+    for stage in stages.values():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind, []):
+                outputs.add(str(next(iter(entry)) if isinstance(entry, dict) else entry).rstrip("/"))
+    return outputs
+
+
+def copy_files(target: Path, source: Path = ROOT) -> None:
+    """Copy source's tracked files (git's index, as they are in the working tree) into target, as
+    a fresh clone has them: nothing untracked, and never dvc.lock or a stage's output, even if
+    tracked, so the copy starts from a pipeline that has never run."""
+    listed = subprocess.run(["git", "ls-files", "-c", "-z"], cwd=source, capture_output=True, text=True,
+                            check=True).stdout.split("\0")
+    outputs = pipeline_outputs(source)
     for name in listed:
-        if (ROOT / name).is_file():
+        produced = any(name == out or name.startswith(f"{out}/") for out in outputs)
+        if name and not produced and (source / name).is_file():
             (target / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, target / name)
+            shutil.copy2(source / name, target / name)
 
 
 def copy_repository(target: Path) -> None:

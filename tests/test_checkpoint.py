@@ -249,5 +249,8 @@ def test_export_command_takes_a_folder(tmp_path: Path, capsys: pytest.CaptureFix
     assert main([str(tmp_path / "run" / "checkpoints"), str(tmp_path / "ema.safetensors")]) == 0
     assert "step_00000001.pt" in capsys.readouterr().out
     assert (tmp_path / "ema.safetensors").is_file() and (tmp_path / "ema.json").is_file()
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as stopped:
         main([str(tmp_path), str(tmp_path / "other.safetensors")])
+    assert stopped.value.code == 2  # argparse's usage error
+    assert f"{tmp_path} holds no complete checkpoint (step_*.pt)" in capsys.readouterr().err
+    assert not (tmp_path / "other.safetensors").exists()

@@ -29,7 +29,8 @@ from torchvision.io import decode_png
 import unite.data.shards as shards_module
 from unite.data.errors import DataError
 from unite.data.image import center_crop, encode_png, to_rgb
-from unite.data.loaders import folder_loader, shard_loader
+import unite.data.loaders as loaders
+from unite.data.loaders import folder_loader, sample_pixels, shard_loader
 from unite.data.manifest import list_image_folder, read_manifest, write_manifest
 from unite.data.shards import read_index, read_shard, shard_plan, write_shards
 from unite.demo_data import write_demo_folder
@@ -585,7 +586,8 @@ def test_shard_loader_order_is_reproducible_from_seed_and_epoch(sharded):
 @pytest.mark.parametrize("workers", [0, 2, 3])
 def test_a_skip_gives_the_rest_of_the_epoch(sharded, workers):
     """A resume mid-epoch: batches(epoch, skip) are the epoch's batches after the first skip,
-    flips included (balanced epochs skip without decoding; validation drops loaded batches)."""
+    flips included (validation drops loaded batches; the next test counts that balanced epochs do not decode
+    what they skip)."""
     for train in (True, False):
         loader = shard_loader(sharded["shards"], 4, train=train, seed=2, rank=0, world_size=1, num_workers=workers)
         whole = [(b.images, b.labels, b.keys) for b in loader.batches(1, 0)]
@@ -597,6 +599,27 @@ def test_a_skip_gives_the_rest_of_the_epoch(sharded, workers):
                 assert keys == want_keys and torch.equal(labels, want_labels) and torch.equal(images, want_images)
         again = [b.keys for b in loader]  # the skip applied to one iteration only
         assert again == [keys for _, _, keys in whole]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_balanced_epoch_skip_decodes_no_skipped_image(sharded, workers, monkeypatch):
+    """A resume mid-epoch decodes only the images it yields: counted at the one decoding of shard
+    images, in the loader's worker processes too (forked, they share the counter)."""
+    decoded = multiprocessing.Value("q", 0)
+
+    def counting_sample_pixels(sample, size):
+        with decoded.get_lock():
+            decoded.value += 1
+        return sample_pixels(sample, size)
+
+    monkeypatch.setattr(loaders, "sample_pixels", counting_sample_pixels)
+    loader = shard_loader(sharded["shards"], 4, train=True, seed=2, rank=0, world_size=1, num_workers=workers)
+    total = len(loader)
+    for skip in (0, 3, total - 1):
+        decoded.value = 0
+        rest = list(loader.batches(1, skip))
+        assert len(rest) == total - skip and all(len(batch.keys) == 4 for batch in rest)
+        assert decoded.value == 4 * (total - skip), (skip, decoded.value)
 
 
 def test_source_shards_load_the_same_images_as_png_shards(sharded):

@@ -1,41 +1,58 @@
-"""Evaluation runs: seeded reconstruction draws and the image limit; streamed generation and
-scoring equal to holding every image, on one rank or two; the evaluation protocols and TF32."""
+"""Evaluation runs: seeded reconstruction draws and the image limit; the evaluate stage's streamed
+generation and scoring equal to holding every image, on one rank or two, with rank 0 holding at
+most two blocks of images at once; the evaluation protocols and TF32."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import socket
+import weakref
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
+import yaml
+from PIL import Image
+from safetensors.torch import save_file
 
+import stages.evaluate as evaluate_stage
+import unite.evaluation as evaluation
 from conftest import perturb_, small_config
+from unite.checkpoint import exported_tensors
 from unite.data.manifest import write_manifest
 from unite.data.shards import write_shards
 from unite.demo_data import write_demo_folder
-from unite.distributed import Runtime
-from unite.evaluation import EvaluationProtocol, allow_tf32_matmul, generate_and_score, reconstruct
-from unite.generate import GridSamples, NpzImageWriter, generate, sample_grid
-from unite.metrics.class_consistency import ClassConsistency, class_consistency
+from unite.evaluation import EvaluationProtocol, allow_tf32_matmul, load_split, reconstruct
+from unite.generate import NpzImageWriter, generate, sample_grid
+from unite.metrics.class_consistency import class_consistency
 from unite.metrics.features import PixelFeatures
 from unite.metrics.fid import GaussianStats, compute_reference_stats, evaluate_images
 from unite.metrics.pixel_classifiers import PixelClassifier
 from unite.model import UNITE
 from unite.sampling import Guidance
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture(scope="module")
-def val_shards(tmp_path_factory) -> Path:
+def shards(tmp_path_factory) -> Path:
+    """The digits at 32x32, sharded as the shard stage does: shards/{train,val}."""
     tmp = tmp_path_factory.mktemp("evaluation")
     write_demo_folder(tmp / "raw", image_size=32)
-    write_manifest(tmp / "raw" / "val", tmp / "val.tsv", progress=False)
-    write_shards(tmp / "raw" / "val", tmp / "val.tsv", tmp / "shards", image_size=32, shard_size=100, workers=1,
-                 progress=False)
+    for split in ("train", "val"):
+        write_manifest(tmp / "raw" / split, tmp / f"{split}.tsv", progress=False)
+        write_shards(tmp / "raw" / split, tmp / f"{split}.tsv", tmp / "shards" / split, image_size=32,
+                     shard_size=500, workers=1, progress=False)
     return tmp / "shards"
+
+
+@pytest.fixture(scope="module")
+def val_shards(shards) -> Path:
+    return shards / "val"
 
 
 @pytest.fixture(scope="module")
@@ -64,9 +81,14 @@ def test_reconstructions_depend_on_the_seed_not_on_the_global_generator(model, v
     assert 0 <= first.min() and first.max() <= 1
 
 
-# Streaming generation and scoring against the gather-everything path it replaced.
+# The evaluate stage's streaming generation and scoring, on one rank and on two, against the
+# gather-everything path it replaced; and the images rank 0 holds while it streams.
 
-STREAM = dict(num_images=10, guidance=Guidance(scale=2.0), seed=3, solver="euler", steps=3, block_size=3)
+STREAM = dict(num_images=10, seed=3, solver="euler", steps=3, block_size=3)
+GUIDANCE = Guidance(scale=2.0)
+EVALUATE = {**STREAM, "nproc_per_node": 1, "protocol": "separate", "grid_per_class": 1, "recon_images": 4,
+            "class_consistency": True, "lpips": False}
+GRID_SCALE = 2  # the stage enlarges 32-pixel samples to 64 in the grid
 
 
 def stream_model() -> UNITE:
@@ -78,47 +100,92 @@ def stream_model() -> UNITE:
 
 def stream_reference() -> GaussianStats:
     images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    return compute_reference_stats(images.split(16), PixelFeatures(4), progress=False)
+    return compute_reference_stats(images.split(16), PixelFeatures(8), progress=False)
 
 
-def stream_judge() -> PixelClassifier:
-    generator = torch.Generator().manual_seed(1)
-    return PixelClassifier(torch.randint(0, 256, (60, 3, 32, 32), dtype=torch.uint8, generator=generator),
-                           torch.arange(60) % 10)
+@pytest.fixture(scope="module")
+def stage_workspace(shards, tmp_path_factory) -> Path:
+    """What the evaluate stage reads: params.yaml (pixel features), an export of the model, the
+    sweep's choice, reference statistics, and the shards."""
+    root = tmp_path_factory.mktemp("stage")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["fid_ref"]["feature_space"] = "pixel"
+    params["evaluate"].update(EVALUATE)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    model = stream_model()
+    info = {"model_config": dataclasses.asdict(model.cfg), "step": 0, "epoch": 0, "ema_decay": 0.0}
+    save_file(exported_tensors(model.state_dict()), str(root / "model.safetensors"),
+              metadata={"unite": json.dumps(info)})
+    (root / "model.json").write_text(json.dumps(info))
+    chosen = {"scale": GUIDANCE.scale, "interval": list(GUIDANCE.interval), "norm_order": GUIDANCE.norm_order}
+    (root / "sweep.json").write_text(json.dumps({"chosen": chosen}))
+    stream_reference().save(root / "reference.npz")
+    (root / "shards").symlink_to(shards)
+    return root
 
 
-def stream(model: UNITE, runtime: Runtime, npz: Path) -> tuple[dict | None, float | None, np.ndarray | None]:
-    """What the evaluate stage does: score, write the npz, count class consistency, keep the grid."""
-    if not runtime.is_main:
-        return generate_and_score(model, None, None, runtime=runtime, **STREAM), None, None
-    grid, consistency = GridSamples(10, 1), ClassConsistency(stream_judge())
-    with NpzImageWriter(npz, (STREAM["num_images"], 32, 32, 3)) as writer:
-        scores = generate_and_score(model, PixelFeatures(4), stream_reference(), runtime=runtime,
-                                    consumers=[writer, grid, consistency], **STREAM)
-    return scores, consistency.value, np.asarray(grid.grid())
+def stage_argv(out: Path) -> list[str]:
+    """The evaluate stage's options as dvc.yaml passes them, outputs under `out`."""
+    return ["--model", "model.safetensors", "--sweep", "sweep.json", "--reference", "reference.npz",
+            "--shards", "shards", "--samples", str(out / "samples"), "--metrics", str(out / "eval.json")]
 
 
-def gathered(model: UNITE, npz: Path) -> tuple[dict, float, np.ndarray]:
+class HeldImages:
+    """Wraps the stage's source of image blocks on rank 0 (unite.evaluation.generate_in_order) and
+    counts, each time a block arrives, the images of every block it yielded that is still alive."""
+
+    def __init__(self) -> None:
+        self.alive = 0
+        self.most = 0
+
+    def wrap(self, generate_in_order):
+        def counted(*args, **kwargs):
+            for indices, labels, images in generate_in_order(*args, **kwargs):
+                self.alive += len(images)
+                weakref.finalize(images, self._freed, len(images))
+                self.most = max(self.most, self.alive)
+                yield indices, labels, images
+        return counted
+
+    def _freed(self, count: int) -> None:
+        self.alive -= count
+
+
+def run_stage(workspace: Path, out: Path, patch: pytest.MonkeyPatch) -> int:
+    """The evaluate stage's main in `workspace`; returns the most images rank 0 held at once."""
+    held = HeldImages()
+    patch.setattr(evaluation, "generate_in_order", held.wrap(evaluation.generate_in_order))
+    patch.chdir(workspace)
+    evaluate_stage.main(stage_argv(out))
+    return held.most
+
+
+def gathered(workspace: Path, npz: Path) -> tuple[dict, float, np.ndarray]:
     """The path it replaced: all images in memory, then scored, saved and judged at once."""
-    parts = list(generate(model, progress=False, **STREAM))
+    parts = list(generate(stream_model(), guidance=GUIDANCE, progress=False, **STREAM))
     images = torch.cat([part[2] for part in parts])
     labels = torch.cat([part[1] for part in parts])
     block = STREAM["block_size"]
     batches = (images[i : i + block].permute(0, 3, 1, 2) for i in range(0, len(images), block))
-    scores = evaluate_images(batches, stream_reference(), PixelFeatures(4), progress=False)
+    scores = evaluate_images(batches, stream_reference(), PixelFeatures(8), progress=False)
     np.savez(npz, images.numpy())
-    consistency = class_consistency(stream_judge(), images.permute(0, 3, 1, 2), labels)
-    return scores, consistency, np.asarray(sample_grid(images.numpy(), labels.numpy(), 10, 1))
+    judge = PixelClassifier(*load_split(workspace / "shards" / "train"))
+    consistency = class_consistency(judge, images.permute(0, 3, 1, 2), labels)
+    grid = sample_grid(images.numpy(), labels.numpy(), 10, 1, scale=GRID_SCALE)
+    return scores, consistency, np.asarray(grid)
 
 
-def assert_same_as_gathered(result: tuple, npz: Path, expected: tuple, expected_npz: Path) -> None:
-    scores, consistency, grid = result
-    assert scores == expected[0] and scores["num_images"] == STREAM["num_images"]
-    assert consistency == expected[1]
-    assert np.array_equal(grid, expected[2])
-    with np.load(npz) as data, np.load(expected_npz) as old:
+def assert_same_as_gathered(out: Path, expected: tuple, expected_npz: Path) -> None:
+    scores, consistency, grid = expected
+    generation = json.loads((out / "eval.json").read_text())["generation"]
+    assert {key: generation[key] for key in scores} == scores and scores["num_images"] == STREAM["num_images"]
+    assert generation["class_consistency"] == consistency
+    with Image.open(out / "samples" / "grid.png") as saved:
+        assert np.array_equal(np.asarray(saved), grid)
+    with np.load(out / "samples" / "images.npz") as data, np.load(expected_npz) as old:
         assert data.files == ["arr_0"]
         assert data["arr_0"].dtype == np.uint8 and np.array_equal(data["arr_0"], old["arr_0"])
+    assert not list((out / "samples").glob("*.partial"))
 
 
 @pytest.fixture(scope="module")
@@ -131,38 +198,39 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def gathered_result(one_thread, tmp_path_factory) -> tuple[tuple, Path]:
+def gathered_result(one_thread, stage_workspace, tmp_path_factory) -> tuple[tuple, Path]:
     npz = tmp_path_factory.mktemp("gathered") / "old.npz"
-    return gathered(stream_model(), npz), npz
+    return gathered(stage_workspace, npz), npz
 
 
-def test_streamed_scores_and_npz_equal_the_gathered_ones(gathered_result, tmp_path):
-    result = stream(stream_model(), Runtime(0, 1, torch.device("cpu")), tmp_path / "images.npz")
-    assert_same_as_gathered(result, tmp_path / "images.npz", *gathered_result)
-    assert not list(tmp_path.glob("*.partial"))
+# Rank 0 holds the block it scores and the one arriving; a rank 0 that kept every image would hold all 10.
+MOST_HELD = 2 * STREAM["block_size"]
 
 
-def _stream_rank(rank: int, port: int, folder: str) -> None:
+def test_the_stage_streams_the_same_scores_and_npz_as_gathering(gathered_result, stage_workspace, tmp_path,
+                                                                monkeypatch):
+    most_held = run_stage(stage_workspace, tmp_path, monkeypatch)
+    assert_same_as_gathered(tmp_path, *gathered_result)
+    assert 0 < most_held <= MOST_HELD < STREAM["num_images"]
+
+
+def _stage_rank(rank: int, port: int, workspace: str, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        result = stream(stream_model(), Runtime(rank, 2, torch.device("cpu")), Path(folder) / "images.npz")
-    finally:
-        dist.destroy_process_group()
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    with pytest.MonkeyPatch.context() as patch:
+        most_held = run_stage(Path(workspace), Path(out), patch)
     if rank == 0:
-        scores, consistency, grid = result
-        (Path(folder) / "result.json").write_text(json.dumps({"scores": scores, "consistency": consistency}))
-        np.save(Path(folder) / "grid.npy", grid)
+        (Path(out) / "held.json").write_text(json.dumps(most_held))
 
 
-def test_two_ranks_stream_the_same_scores_and_npz(gathered_result, tmp_path):
+def test_the_stage_on_two_ranks_streams_the_same_scores_and_npz(gathered_result, stage_workspace, tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    mp.spawn(_stream_rank, args=(port, str(tmp_path)), nprocs=2)
-    saved = json.loads((tmp_path / "result.json").read_text())
-    result = (saved["scores"], saved["consistency"], np.load(tmp_path / "grid.npy"))
-    assert_same_as_gathered(result, tmp_path / "images.npz", *gathered_result)
+    mp.spawn(_stage_rank, args=(port, str(stage_workspace), str(tmp_path)), nprocs=2)
+    assert_same_as_gathered(tmp_path, *gathered_result)
+    assert 0 < json.loads((tmp_path / "held.json").read_text()) <= MOST_HELD
 
 
 def test_npz_writer_keeps_no_file_when_images_are_missing(tmp_path):

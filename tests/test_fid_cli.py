@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tarfile
@@ -13,7 +14,10 @@ import torch
 import torch_fidelity
 from PIL import Image
 from threadpoolctl import threadpool_limits
+from torch.hub import HASH_REGEX
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
+import unite.metrics.features as features
 from unite.cli import main
 from unite.data.image import center_crop
 from unite.data.manifest import write_manifest
@@ -63,6 +67,9 @@ def test_unite_fid_agrees_with_torch_fidelity(inputs, capsys):
             cache=False, verbose=False, save_cpu_ram=True, feature_extractor_weights_path=str(weights),
         )
     assert (ours["num_images"], ours["num_ref_images"], ours["feature_space"]) == (10, 5, "inception-v3-compat")
+    sha256 = hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert ours["weights"] == (f"NOT the official weights (sha256 {sha256[:16]}..., expected 6726825d...): not "
+                               "comparable to published scores")
     # The comparison means something only if the random network separates the two image sets and its IS
     # is well off its floor of 1 (5 images per split: IS lies in [1, 5]).
     assert theirs["frechet_inception_distance"] > 1.0 and theirs["inception_score_mean"] > 1.5
@@ -151,3 +158,19 @@ def test_unite_fid_errors_name_the_missing_input(inputs, tmp_path, capsys, monke
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "nested" / "sub" / "a.png")
     assert main(["fid-stats", str(tmp_path / "nested"), str(tmp_path / "o.npz"), "--feature-space", "pixel"]) == 2
     assert "no .png/.jpg/.jpeg images found (subfolders are not searched unless" in capsys.readouterr().err
+
+
+def test_the_official_inception_file_is_named_by_the_sha256_prefix_of_its_release():
+    # torch-fidelity's release URL names the file after its sha256, as torch.hub's check does.
+    assert URL_INCEPTION_V3.rsplit("/", 1)[1] == features.INCEPTION_WEIGHTS_FILE
+    assert HASH_REGEX.search(features.INCEPTION_WEIGHTS_FILE).group(1) == features.INCEPTION_WEIGHTS_SHA256_PREFIX
+
+
+def test_the_scores_say_whether_the_inception_file_is_the_official_one(inputs, capsys, monkeypatch):
+    """The official file cannot be downloaded here: the check is shown the stand-in file's own sha256
+    prefix (hashlib's) as the official one (the other answer is checked above)."""
+    root, weights = inputs
+    monkeypatch.setattr(features, "INCEPTION_WEIGHTS_SHA256_PREFIX", hashlib.sha256(weights.read_bytes()).hexdigest()[:8])
+    ours = run_cli(capsys, "fid", str(root / "ref"), str(root / "ref"), "--inception-weights", str(weights),
+                   "--device", "cpu", "--is-splits", "1", "--json")
+    assert ours["weights"] == "official"

@@ -54,6 +54,9 @@ def test_the_committed_params_are_valid():
          "sweep.wide[0].interval=[0.2, 0.1]: must be [low, high] with 0 <= low < high <= 1"),
         (("sweep", "wide_changes_choice"), "no", "sweep.wide_changes_choice='no': must be bool"),
         (("demo_data",), None, "demo_data: expected a mapping"),
+        # A random VGG16 trunk is for tests (set in TrainConfig): no metric would record it.
+        (("train", "model", "lpips_random_backbone"), True,
+         "train.model.lpips_random_backbone=True: not a params.yaml key: a random VGG16 trunk is for the library's"),
     ],
 )
 def test_bad_params_name_the_key(params, path, value, text):

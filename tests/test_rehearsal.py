@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -16,19 +17,36 @@ import pytest
 import yaml
 
 from stages.preset import load_preset
-from stages.rehearse import shrunk_sizes
+from stages.rehearse import copy_repository, shrunk_sizes
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted(p.stem for p in (ROOT / "presets").glob("*.yaml"))
 pytestmark = pytest.mark.slow
 
 
-def workspace_state() -> str:
-    digest = hashlib.sha256()
-    for name in ("params.yaml", "dvc.lock"):
-        path = ROOT / name
-        digest.update(path.read_bytes() if path.is_file() else b"absent")
-    return digest.hexdigest()
+# A workspace where the pipeline has run (what `scripts/demo` leaves): outputs, the lock and the
+# persistent checkpoint folder, none of them tracked by git.
+RUN_OUTPUTS = ("dvc.lock", "data/raw/train/0/0.png", "data/shards/train/index.json", "checkpoints/0a1b/step_1.pt",
+               "models/final.pt", "metrics/eval.json", "samples/grid.png", "reports/report.html")
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A clone of this repository with a run's outputs in it, from which the rehearsals start."""
+    path = tmp_path_factory.mktemp("workspace") / "repo"
+    path.mkdir()
+    copy_repository(path)
+    for name in RUN_OUTPUTS:
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_bytes(name.encode())
+    return path
+
+
+def workspace_state(root: Path) -> dict[str, str]:
+    """The sha256 of every file of the workspace but git's own."""
+    return {str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(root.rglob("*")) if path.is_file() and ".git" not in path.relative_to(root).parts
+            and "__pycache__" not in path.parts}
 
 
 def size_keys() -> set[str]:
@@ -47,13 +65,15 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
 
 
 @pytest.mark.parametrize("preset", PRESETS)
-def test_rehearsal_runs_every_stage_of_the_preset(preset: str, tmp_path: Path) -> None:
-    before = workspace_state()
+def test_rehearsal_runs_every_stage_of_the_preset(preset: str, workspace: Path, tmp_path: Path) -> None:
+    before = workspace_state(workspace)
+    assert set(RUN_OUTPUTS) < set(before)
     result = subprocess.run([sys.executable, "-m", "stages.rehearse", preset, "--keep", str(tmp_path / "keep")],
-                            cwd=ROOT, capture_output=True, text=True, timeout=1800)
+                            cwd=workspace, capture_output=True, text=True, timeout=1800)
     output = result.stdout + result.stderr
+    # The workspace's params, lock, data, checkpoints and every other file are untouched.
+    assert workspace_state(workspace) == before, output[-6000:]
     assert result.returncode == 0, output[-6000:]
-    assert workspace_state() == before  # the workspace's own params and lock are untouched
     repo = tmp_path / "keep" / preset / "repo"
     for stage in ["manifest", "shard", "fid_ref", "train", "export", "sweep", "evaluate"]:
         assert f"Running stage '{stage}'" in output, stage
@@ -75,13 +95,15 @@ def test_rehearsal_runs_every_stage_of_the_preset(preset: str, tmp_path: Path) -
     evaluation = json.loads((repo / "metrics" / "eval.json").read_text())
     generation, reconstruction = evaluation["generation"], evaluation["reconstruction"]
     assert generation["feature_space"] == "inception-v3-compat" and generation["num_images"] == 16
-    assert generation["fid"] >= 0 and generation["is_mean"] >= 1
-    assert reconstruction["num_images"] == 8 and reconstruction["lpips"] > 0 and reconstruction["rfid"] >= 0
+    assert all(math.isfinite(generation[key]) for key in ("fid", "is_mean", "is_std"))
+    assert reconstruction["num_images"] == 8 and reconstruction["lpips"] > 0 and math.isfinite(reconstruction["rfid"])
     # The stand-in weights are never mistaken for the real ones.
     assert generation["weights"].startswith("NOT the official weights")
     assert reconstruction["lpips_weights"].startswith("NOT the official weights")
     sweep = json.loads((repo / "metrics" / "sweep.json").read_text())
-    assert sweep["chosen"]["frechet_distance"] >= 0 and len(sweep["points"]) >= 2 + 5  # search and the 5 wide points
+    assert len(sweep["points"]) >= 2 + 5  # search and the 5 wide points
+    searched = [point for point in sweep["points"] if point["stage"] != "sweep"]
+    assert sweep["chosen"] == min(searched, key=lambda point: point["frechet_distance"])
 
 
 def test_gpu_check_refuses_without_cuda() -> None:

@@ -7,9 +7,7 @@ import base64
 import configparser
 import io
 import subprocess
-from html.parser import HTMLParser
 from pathlib import Path
-from urllib.parse import urlparse
 
 import numpy as np
 import pytest
@@ -17,6 +15,7 @@ import torch
 import yaml
 from PIL import Image
 
+from offline_page import PageReferences, network_urls
 from stages import plots_page
 from unite.cfg_search import CfgPoint, CfgResult
 from unite.provenance import git_state, params_hash
@@ -25,24 +24,6 @@ from unite.report import cfg_figure, cfg_series, curve_figure, enlarged, read_ta
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-class References(HTMLParser):
-    """Every URL an HTML page would load or link: src/href/data attributes and CSS url(...)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.urls: list[str] = []
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        self.urls += [value for name, value in attrs if name in ("src", "href", "data", "srcset") and value]
-
-
-def external_urls(page: str) -> list[str]:
-    """The references of a page that need the network (anything with a scheme other than data:)."""
-    parser = References()
-    parser.feed(page)
-    return [url for url in parser.urls if urlparse(url).scheme not in ("", "data")]
 
 
 def write_train_table(path: Path, rows: list[dict[str, float]]) -> None:
@@ -164,10 +145,8 @@ def test_report_embeds_figures_and_escapes_values(tmp_path):
         {"git commit": "abc123", "packages": {"torch": "2.14.1"}},
         tables={"CFG sweep points": (["cfg_scale", "fid"], [["1.5", "0.3"]])},
     )
-    assert external_urls(page) == []
-    parser = References()
-    parser.feed(page)
-    (image,) = parser.urls
+    assert network_urls(page) == []
+    (image,) = PageReferences(page).attributes
     assert image.startswith("data:image/png;base64,")
     assert base64.b64decode(image.split(",", 1)[1]) == figure.read_bytes()
     for text in ("Run &lt;1&gt;", "train.base_lr", "0.002", "generation.frechet_distance", "0.25",
@@ -176,11 +155,44 @@ def test_report_embeds_figures_and_escapes_values(tmp_path):
     assert "<script" not in page
 
 
+# One page per way of loading from the network, each with the URL it loads.
+NETWORK_PAGES = {
+    '<img src="https://cdn.example/a.png">': "https://cdn.example/a.png",
+    '<img srcset="a.png 1x, //cdn.example/b.png 2x">': "//cdn.example/b.png",
+    '<link rel="stylesheet" href="http://cdn.example/a.css">': "http://cdn.example/a.css",
+    '<object data="https://cdn.example/a.svg"></object>': "https://cdn.example/a.svg",
+    '<meta http-equiv="refresh" content="0; url=https://cdn.example/">': "https://cdn.example/",
+    '<script src="//cdn.example/vega.js"></script>': "//cdn.example/vega.js",
+    '<script>fetch("https://cdn.example/data.json").then(r => r.json())</script>': "https://cdn.example/data.json",
+    "<script type=module>import embed from 'https://esm.example/vega-embed';</script>": "https://esm.example/vega-embed",
+    "<script>vegaEmbed('#vis', {data: {url: `//cdn.example/rows.csv`}})</script>": "//cdn.example/rows.csv",
+    "<style>body { background: url(https://cdn.example/bg.png) }</style>": "https://cdn.example/bg.png",
+    '<style>@import "https://fonts.example/css";</style>': "https://fonts.example/css",
+    "<style>@import url('//fonts.example/x.css');</style>": "//fonts.example/x.css",
+    '<div style="background-image: url(\'https://cdn.example/tile.png\')"></div>': "https://cdn.example/tile.png",
+}
+
+
+@pytest.mark.parametrize("page", NETWORK_PAGES)
+def test_the_offline_check_finds_every_way_a_page_loads_from_the_network(page):
+    assert network_urls(f"<html><body>{page}</body></html>") == [NETWORK_PAGES[page]]
+
+
+def test_the_offline_check_passes_local_and_inline_resources():
+    page = """<html><head><style>.a { background: url(data:image/png;base64,AAAA) } @import "local.css";</style>
+    <script>// a comment: https://example.com in a comment is no load
+    const svg = document.createElementNS("http://www.w3.org/2000/svg", "g"); const x = 10 // 2;</script></head>
+    <body><img src="figures/a.png" srcset="a.png 1x, b.png 2x"><a href="#top">top</a>
+    <div style="background: url('tile.png')"></div></body></html>"""
+    assert network_urls(page) == []
+    assert PageReferences(page).attributes == ["figures/a.png", "a.png", "b.png", "#top"]
+
+
 def test_plots_page_template_inlines_the_plotting_libraries():
     page = plots_page.render()
     assert page.count("{plot_divs}") == 1 and "{refresh_tag}" in page
     assert "{scripts}" not in page  # DVC's CDN script tags go there
-    assert external_urls(page) == []
+    assert network_urls(page) == []
     # The inline bundle defines what DVC's plot scripts call.
     script = page.split("<script>", 1)[1].split("</script>", 1)[0]
     assert "window.vegaEmbed=" in script and len(script) > 100_000
@@ -194,7 +206,7 @@ def test_dvc_config_points_at_a_committed_offline_template():
     assert tracked.returncode == 0, f"{template} is not tracked by git"
     page = template.read_text()
     assert page.count("{plot_divs}") == 1 and "{scripts}" not in page
-    assert external_urls(page) == []
+    assert network_urls(page) == []
     assert "window.vegaEmbed=" in page
 
 

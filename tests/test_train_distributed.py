@@ -45,7 +45,10 @@ TWO_RANKS = {"per_device_batch": 2}
 # the world size), 27 images (epochs of the 24 that fill whole micro-batches), and the UNITE-B
 # preset, whose schedule in steps differs with the world size through the sampler's padding:
 # warmup over 20 epochs of floor(ceil(27 / world) / (8 / (2 x world))) micro-batches (6 on 1, 7 on 2).
-RESIZED = {"per_device_batch": 8, "data": {"kind": "synthetic", "num_images": 27},
+# A base learning rate high enough that the loss falls within the 8 steps of warmup (lr up to
+# 30 x 8 / 384 x 7 / 120 = 0.036): only then can the loss show that the resumed run learned on.
+BASE_LR = 30.0
+RESIZED = {"per_device_batch": 8, "data": {"kind": "synthetic", "num_images": 27}, "base_lr": BASE_LR,
            "schedule": {"preset": "unite_b", "images_per_epoch": 27}}
 
 
@@ -174,14 +177,17 @@ def assert_resized_run(out_dir: Path, first_world: int, straight_dirs: list[Path
     assert [int(row["step"]) for row in rows] == list(range(1, 9))
     warmup = schedule_steps(first_world)["warmup_steps"]
     for row in rows:
-        assert float(row["lr"]) == pytest.approx(1e-3 * 8 / 384 * (int(row["step"]) - 1) / warmup, rel=1e-5)
-    # The loss carries on down the curve: after the resume it is nearer the uninterrupted runs'
-    # loss over the same steps than their loss over the first steps, where a restart would be.
+        assert float(row["lr"]) == pytest.approx(BASE_LR * 8 / 384 * (int(row["step"]) - 1) / warmup, rel=1e-5)
+    # The loss carries on down the curve: each uninterrupted run learns (its loss over steps 5 to 8
+    # is below its first step's, the loss of the initial weights), and after the resume the loss is
+    # nearer theirs over the same steps than that initial loss, where a run that lost the weights
+    # would start again.
     mean = lambda values: sum(values) / len(values)  # noqa: E731
     resumed = mean([float(row["loss"]) for row in rows[4:]])
     for straight in straight_dirs:
         reference = [float(row["loss"]) for row in metric_rows(straight)]
-        assert abs(resumed - mean(reference[4:])) < abs(resumed - mean(reference[:4])), (resumed, reference)
+        assert mean(reference[4:]) < reference[0], reference
+        assert abs(resumed - mean(reference[4:])) < abs(resumed - reference[0]), (resumed, reference)
 
 
 def test_resume_on_one_process_continues_a_two_process_run(

@@ -360,11 +360,12 @@ class Loader:
             yield Batch(images, labels, list(keys))
 
 
-def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
-    """A DataLoader worker ignores SIGTERM and SIGINT: a scheduler (Slurm signals every process of
-    a job step) or a terminal's Ctrl-C reaches the workers too, and a worker dying mid-batch would
-    fail the step that the trainer finishes before it writes its checkpoint. The loader ends its
-    workers itself, and a worker whose parent is gone exits on its own."""
+def ignore_stop_signals(worker_id: int) -> None:
+    """A loader worker leaves SIGTERM and SIGINT to the training process, which stops after a step
+    and writes a checkpoint: torchrun, told to stop, signals each rank's whole process group (and
+    Slurm every process of a job step, a terminal's Ctrl-C the foreground group), and a worker that
+    died of it would fail the rank's next step, the checkpoint's included. The worker still exits
+    with its process (torch's watchdog) or on SIGKILL."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -406,7 +407,7 @@ def shard_loader(
 
     def make() -> DataLoader:
         return DataLoader(stream, batch_size=batch_size, num_workers=num_workers,
-                          pin_memory=torch.cuda.is_available(), worker_init_fn=_leave_stop_signals_to_the_trainer)
+                          pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_stop_signals)
 
     return Loader(stream, make)
 
@@ -450,7 +451,7 @@ def folder_loader(
             num_workers=num_workers,
             drop_last=train,
             pin_memory=torch.cuda.is_available(),
-            worker_init_fn=_leave_stop_signals_to_the_trainer,
+            worker_init_fn=ignore_stop_signals,
         )
 
     return Loader(dataset, make)
