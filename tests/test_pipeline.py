@@ -35,7 +35,8 @@ TINY = {
     # Blocks of 7 of 20 images: with 2 ranks, rank 0 makes two blocks and rank 1 one.
     "sweep": {"num_images": 20, "max_extra_steps": 1, "solver": "euler", "steps": 3, "block_size": 7,
               "wide": [{"norm_order": "cfg_first", "interval": [0.1, 1.0]}]},
-    "evaluate": {"num_images": 20, "solver": "euler", "steps": 3, "block_size": 7, "grid_per_class": 2},
+    "evaluate": {"num_images": 20, "solver": "euler", "steps": 3, "block_size": 7, "grid_per_class": 2,
+                 "kid_subset_size": 10},
 }
 
 

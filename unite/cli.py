@@ -38,9 +38,15 @@ def _fid(args: argparse.Namespace) -> int:
     try:
         ref = str(args.ref if args.ref is not None else resolve_reference_stats(None))
         space = _feature_space(args)
-        reference = load_reference(ref, space, **reading)
+        reference = load_reference(ref, space, set_images=args.ref_images if args.kid_prc else 0, **reading)
+        if args.kid_prc and reference.features is None:
+            raise MetricsInputError(
+                f"--kid-prc: the reference {ref!r} holds statistics only; KID and precision/recall need reference "
+                f"images (a folder, an image npz, shards or an ADM reference batch with arr_0)")
         batches, total = open_images(args.gen, **reading)
-        result = evaluate_images(batches, reference, space, total=total, is_splits=args.is_splits)
+        result = evaluate_images(batches, reference, space, total=total, is_splits=args.is_splits,
+                                 kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
+                                 device=getattr(space, "device", "cpu"))
     except (MetricsInputError, DataError) as exc:
         print(f"unite fid: error: {exc}", file=sys.stderr)
         return 2
@@ -171,13 +177,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trust_pickle(parity)
     parity.set_defaults(handler=_parity)
 
-    fid = commands.add_parser("fid", help="FID and Inception Score of generated images against a reference")
+    fid = commands.add_parser("fid", help="FID, sFID, Inception Score, KID, precision and recall of generated images "
+                                          "against a reference, from one pass over the images")
     fid.add_argument("gen", help="generated images: a folder of PNG/JPEG files or a uint8 image .npz")
     fid.add_argument("ref", nargs="?", default=None,
-                     help="reference: statistics .npz (mu, sigma; several shards: write one with fid-stats), "
+                     help="reference: statistics .npz (mu, sigma, and mu_s, sigma_s for sFID; several shards: write "
+                          "one with fid-stats), an ADM reference batch .npz (arr_0 images and those statistics), "
                           "image folder, image .npz or one .tar shard (default: env IN256_FID_STATS)")
     _add_feature_args(fid)
     fid.add_argument("--is-splits", type=int, default=10)
+    fid.add_argument("--kid-prc", action="store_true",
+                     help="also KID and precision/recall (k=3): they need the features of reference images, so REF "
+                          "must be images or an ADM reference batch, and the generated features are kept "
+                          "(8 KB per Inception image)")
+    fid.add_argument("--ref-images", type=int, default=10000,
+                     help="with --kid-prc: the reference images (the first) whose features are kept (the ADM "
+                          "reference batch's 10000; all of an ADM batch's arr_0 are used)")
+    fid.add_argument("--kid-subsets", type=int, default=100, help="KID: random subsets averaged (torch-fidelity's 100)")
+    fid.add_argument("--kid-subset-size", type=int, default=1000,
+                     help="KID: images per subset, at most both counts (torch-fidelity's 1000)")
     fid.add_argument("--json", action="store_true", help="print one JSON object")
     fid.set_defaults(handler=_fid)
 
