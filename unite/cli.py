@@ -62,19 +62,22 @@ def _fid(args: argparse.Namespace) -> int:
 def _fid_stats(args: argparse.Namespace) -> int:
     from unite.data.errors import DataError
     from unite.data.readers import open_images
-    from unite.metrics.fid import compute_reference_stats
+    from unite.metrics.fid import compute_reference_set
     from unite.metrics.inputs import MetricsInputError
 
     try:
         space = _feature_space(args)
         batches, total = open_images(args.source, batch_size=args.batch_size, num_workers=args.num_workers,
                                      recursive=args.recursive)
-        stats = compute_reference_stats(batches, space, total=total)
+        reference = compute_reference_set(batches, space, set_images=args.ref_images, total=total)
     except (MetricsInputError, DataError) as exc:
         print(f"unite fid-stats: error: {exc}", file=sys.stderr)
         return 2
-    stats.save(args.out)
-    print(f"wrote {args.out}: {stats.num_images} images, {stats.mu.shape[0]} features ({space.name})", file=sys.stderr)
+    reference.save(args.out)
+    stats, kept = reference.stats, 0 if reference.features is None else len(reference.features)
+    spatial = ", spatial statistics" if reference.spatial is not None else ""
+    print(f"wrote {args.out}: {stats.num_images} images, {stats.mu.shape[0]} features ({space.name}){spatial}, "
+          f"features of {kept} images", file=sys.stderr)
     return 0
 
 
@@ -199,11 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--json", action="store_true", help="print one JSON object")
     fid.set_defaults(handler=_fid)
 
-    fid_stats = commands.add_parser("fid-stats", help="write reference statistics (mu, sigma) of real images")
+    fid_stats = commands.add_parser("fid-stats", help="write reference statistics (mu, sigma; mu_s, sigma_s in "
+                                                       "Inception space) of real images")
     fid_stats.add_argument("source", nargs="+", help="an image folder, an image .npz, or .tar shards of any store "
                                                        "(png, npy, source; cropped to the size in their index.json)")
     fid_stats.add_argument("out", help="output statistics .npz")
     _add_feature_args(fid_stats)
+    fid_stats.add_argument("--ref-images", type=int, default=0,
+                           help="also keep the features of the first N images, for `unite fid --kid-prc`")
     fid_stats.set_defaults(handler=_fid_stats)
 
     gen = commands.add_parser(
