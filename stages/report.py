@@ -13,7 +13,8 @@ from stages.launch import StageArguments, run_stage
 from stages.params import load_stage_params
 from unite.evaluation import load_exported_model, reconstruct
 from unite.provenance import device_name, git_state, package_versions, params_hash
-from unite.report import cfg_figure, curve_figure, enlarged, read_table, reconstruction_grid, render_report
+from unite.report import (cfg_figure, curve_figure, enlarged, quality_table, read_table, reconstruction_grid,
+                          render_report)
 
 RECON_IMAGES = 16  # the first validation images, in shard order
 FIGURES = {
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         figures["Validation originals above their reconstructions"])
 
     sweep_rows = read_table(args.sweep_table)
+    evaluation = json.loads(args.eval.read_text())
     provenance = {
         "git commit": git_state(),
         "params sha256": params_hash(params),
@@ -77,10 +79,11 @@ def main(argv: list[str] | None = None) -> None:
         params,
         {"train (last logged window)": json.loads(args.train_metrics.read_text()),
          f"sweep (chosen by {sweep['metric']})": sweep["chosen"],
-         "evaluate": json.loads(args.eval.read_text())},
+         "evaluate": evaluation},
         figures,
         provenance,
-        tables={"CFG sweep points": (list(sweep_rows[0]), [list(row.values()) for row in sweep_rows])},
+        tables={"Sample quality (evaluate)": quality_table(evaluation["generation"]),
+                "CFG sweep points": (list(sweep_rows[0]), [list(row.values()) for row in sweep_rows])},
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(page)

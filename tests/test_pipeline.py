@@ -93,9 +93,15 @@ def test_repro_runs_every_stage_and_reports_metrics(repo):
     assert evaluation["generation"]["num_images"] == 20
     assert 0 <= evaluation["generation"]["class_consistency"] <= 1
     assert evaluation["reconstruction"]["num_images"] == repo.metrics("shard")["val"]["written"]
+    # The suite beside FD, in pixel space: KD (not KID), precision and recall against every train
+    # image's features (fewer than fid_ref.set_images), and no sFID, which only Inception has.
+    generation = evaluation["generation"]
+    assert generation["num_ref_features"] == repo.metrics("shard")["train"]["written"]
+    assert 0 <= generation["precision"] <= 1 and 0 <= generation["recall"] <= 1 and generation["kd_std"] >= 0
+    assert "kid_mean" not in generation and generation["sfid"].startswith("none: sFID is defined on Inception")
     assert (repo.path / "samples" / "grid.png").is_file()
-    shown = json.loads(repo.run("dvc", "metrics", "show", "--json").stdout)
-    assert "metrics/eval.json" in json.dumps(shown)
+    shown = json.dumps(json.loads(repo.run("dvc", "metrics", "show", "--json").stdout))
+    assert "metrics/eval.json" in shown and '"kd_mean"' in shown and '"precision"' in shown
 
 
 def test_second_repro_runs_nothing(repo):
@@ -142,6 +148,8 @@ def test_plots_and_the_report_render_offline(repo, tmp_path):
     assert len(images) == 6
     report = Page(repo.path / "reports" / "report.html")
     assert len(report.urls) == len(images) and all(u.startswith("data:image/png;base64,") for u in report.urls)
+    assert "Sample quality (evaluate)" in (repo.path / "reports" / "report.html").read_text()
+    assert "KD: unbiased squared MMD" in (repo.path / "reports" / "report.html").read_text()
 
     repo.run("dvc", "plots", "show", "-o", str(tmp_path / "show"))
     check(tmp_path / "show" / "index.html", ["workspace"])
