@@ -13,7 +13,7 @@ from torch import Tensor
 from unite.metrics.inputs import MetricsInputError
 
 NEIGHBOURHOOD = 3  # k, as in the paper, the ADM evaluator and torch-fidelity (prc_neighborhood)
-BLOCK_ROWS = 1024
+BLOCK_ROWS = 256  # a block of distances to 50,000 points takes 100 MB in float64
 
 
 def manifold_radii(features: Tensor, k: int = NEIGHBOURHOOD, block: int = BLOCK_ROWS) -> Tensor:
