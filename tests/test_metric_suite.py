@@ -121,3 +121,12 @@ def test_a_reference_set_round_trips_and_bad_spatial_statistics_are_named(tmp_pa
     np.savez(tmp_path / "bad.npz", mu=stats.mu, sigma=stats.sigma, mu_s=np.zeros(7))
     with pytest.raises(MetricsInputError, match=r"bad.npz.*mu_s and sigma_s must both be there.*2023"):
         ReferenceSet.load(tmp_path / "bad.npz")
+
+
+def test_precision_and_recall_by_hand_with_points_on_the_ball_boundaries():
+    """Reference 0..4 on a line: k = 3 radii 3, 2, 2, 2, 3. Samples -3 and 7 lie exactly on the balls
+    of 0 and 4 (inside: the boundary counts), 2.5 inside, 10 and 20 outside: precision 3/5. The
+    sample at -3 has radius 13 (its third nearest sample is 10), which covers every reference point."""
+    reference = np.arange(5.0)[:, None]
+    generated = np.array([[7.0], [-3.0], [2.5], [10.0], [20.0]])
+    assert precision_recall(generated, reference) == (0.6, 1.0)
