@@ -35,7 +35,7 @@ def arguments() -> StageArguments:
     parser = StageArguments("stages.evaluate", __doc__)
     parser.add_input("--model", "file", "the exported EMA model (safetensors, with its .json config beside it)")
     parser.add_input("--sweep", "file", "the sweep stage's json; its chosen setting is evaluated")
-    parser.add_input("--reference", "file", "the reference set (npz: statistics, features) the images are scored against")
+    parser.add_input("--reference", "file", "the reference set (npz: statistics, features) to score against")
     parser.add_input("--shards", "folder", "the shard stage's output: train for the classifiers, val to reconstruct")
     parser.add_output("--samples", "folder", "images.npz (every generated image), grid.png and provenance.json")
     parser.add_output("--metrics", "file", "the scores (json)")

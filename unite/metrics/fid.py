@@ -336,7 +336,8 @@ class ReferenceSet:
             if "mu_s" in data.files or "sigma_s" in data.files:
                 mu_s = npz_array(data, "mu_s", what).astype(np.float64) if "mu_s" in data.files else None
                 sigma_s = npz_array(data, "sigma_s", what).astype(np.float64) if "sigma_s" in data.files else None
-                if mu_s is None or sigma_s is None or mu_s.shape != (SPATIAL_DIM,) or sigma_s.shape != (SPATIAL_DIM,) * 2:
+                shapes = None if mu_s is None or sigma_s is None else (mu_s.shape, sigma_s.shape)
+                if shapes != ((SPATIAL_DIM,), (SPATIAL_DIM, SPATIAL_DIM)):
                     raise MetricsInputError(
                         f"{what}: mu_s and sigma_s must both be there, of shapes ({SPATIAL_DIM},) and "
                         f"({SPATIAL_DIM}, {SPATIAL_DIM}) (sFID's spatial statistics, as in ADM reference batches)"
@@ -427,8 +428,9 @@ def evaluate_images(
         result["sfid"] = frechet_distance(extraction.spatial.mu, extraction.spatial.sigma, reference.spatial.mu,
                                           reference.spatial.sigma)
     elif reference.spatial is not None or suite:
-        result["sfid"] = ("none: sFID is defined on Inception's mixed_6/conv features only" if extraction.spatial is None
-                          else "none: the reference has no spatial statistics (mu_s, sigma_s)")
+        result["sfid"] = "none: " + ("sFID is defined on Inception's mixed_6/conv features only"
+                                     if extraction.spatial is None
+                                     else "the reference has no spatial statistics (mu_s, sigma_s)")
     if suite:
         kernel = kernel_key(space.name)
         result[f"{kernel}_mean"], result[f"{kernel}_std"] = kernel_distance(
