@@ -49,6 +49,10 @@ def test_the_committed_params_are_valid():
          "sweep.wide[0].interval=[0.2, 0.1]: must be [low, high] with 0 <= low < high <= 1"),
         (("sweep", "wide_changes_choice"), "no", "sweep.wide_changes_choice='no': must be bool"),
         (("demo_data",), None, "demo_data: expected a mapping"),
+        (("fid_ref", "split"), "test", "fid_ref.split='test': must be one of ['train', 'val']"),
+        (("fid_ref", "set_images"), -1, "fid_ref.set_images=-1: must be >= 0"),
+        (("evaluate", "kid_subset_size"), 1001,
+         "evaluate.kid_subset_size=1001: need kid_subsets >= 1 and 2 <= kid_subset_size <= evaluate.num_images=1000"),
     ],
 )
 def test_bad_params_name_the_key(params, path, value, text):

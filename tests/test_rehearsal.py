@@ -76,6 +76,10 @@ def test_rehearsal_runs_every_stage_of_the_preset(preset: str, tmp_path: Path) -
     generation, reconstruction = evaluation["generation"], evaluation["reconstruction"]
     assert generation["feature_space"] == "inception-v3-compat" and generation["num_images"] == 16
     assert generation["fid"] >= 0 and generation["is_mean"] >= 1
+    # The ADM suite beside FID: sFID from the spatial statistics of the first fid_ref.set_images train
+    # images (JiT's file has none), KID and precision/recall against their features.
+    assert generation["num_ref_features"] == 16 and generation["sfid"] >= 0 and generation["kid_std"] >= 0
+    assert 0 <= generation["precision"] <= 1 and 0 <= generation["recall"] <= 1
     assert reconstruction["num_images"] == 8 and reconstruction["lpips"] > 0 and reconstruction["rfid"] >= 0
     # The stand-in weights are never mistaken for the real ones.
     assert generation["weights"].startswith("NOT the official weights")
