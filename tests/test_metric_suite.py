@@ -1,21 +1,32 @@
 """KID and precision/recall against torch-fidelity's own functions on the same features, their
 behaviour under row permutations and shifts, and the reference sets they compare with (our npz,
-ADM reference batches read as a stream)."""
+ADM reference batches read as a stream, the fid_ref stage)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
+from PIL import Image
 from torch_fidelity.defaults import DEFAULTS
 from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 
-from unite.metrics.features import INCEPTION_NAME, SPATIAL_DIM
+from stages import fid_ref as fid_ref_stage
+from unite.config import ConfigError
+from unite.data.manifest import write_manifest
+from unite.data.shards import write_shards
+from unite.evaluation import real_batches
+from unite.metrics.features import INCEPTION_NAME, SPATIAL_DIM, PixelFeatures
 from unite.metrics.fid import GaussianStats, ReferenceSet, adm_batch_images, load_reference
 from unite.metrics.inputs import MetricsInputError
 from unite.metrics.kid import KID_SEED, KID_SUBSET_SIZE, KID_SUBSETS, kernel_distance
 from unite.metrics.precision_recall import precision_recall
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def theirs_kid(generated: np.ndarray, reference: np.ndarray, **kwargs) -> tuple[float, float]:
@@ -130,3 +141,42 @@ def test_precision_and_recall_by_hand_with_points_on_the_ball_boundaries():
     reference = np.arange(5.0)[:, None]
     generated = np.array([[7.0], [-3.0], [2.5], [10.0], [20.0]])
     assert precision_recall(generated, reference) == (0.6, 1.0)
+
+
+@pytest.fixture
+def stage_workspace(tmp_path, monkeypatch):
+    """Val shards of 12 random 8x8 images and the repository's params.yaml, as the fid_ref stage sees them."""
+    rng = np.random.default_rng(5)
+    for index in range(12):
+        path = tmp_path / "raw" / f"class{index % 2}" / f"{index:02d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(path)
+    write_manifest(tmp_path / "raw", tmp_path / "val.tsv", progress=False)
+    write_shards(tmp_path / "raw", tmp_path / "val.tsv", tmp_path / "data" / "shards" / "val", image_size=8,
+                 shard_size=5, workers=1, progress=False)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    return params
+
+
+def run_fid_ref(params: dict, **fid_ref) -> ReferenceSet:
+    params["fid_ref"].update(fid_ref)
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    fid_ref_stage.main(["--shards", "data/shards", "--out", "data/fid_ref.npz"])
+    return ReferenceSet.load("data/fid_ref.npz")
+
+
+def test_fid_ref_keeps_the_features_of_the_first_images_and_takes_given_statistics(stage_workspace):
+    params = stage_workspace
+    computed = run_fid_ref(params, feature_space="pixel", split="val", set_images=7, batch_size=5)
+    images = torch.cat([images for images, _ in real_batches("data/shards/val", 5)])
+    pixels = PixelFeatures(8)(images)[0].numpy()  # the npz stores features as float32
+    assert computed.stats.num_images == 12 and computed.spatial is None  # pixel space: no spatial statistics
+    np.testing.assert_allclose(computed.stats.mu, pixels.mean(0), rtol=1e-6)
+    np.testing.assert_array_equal(computed.features, pixels[:7].astype(np.float32))
+    GaussianStats(np.zeros(192), np.eye(192), 1000, "pixel-8x8").save("given.npz")
+    given = run_fid_ref(params, stats="given.npz")
+    assert given.stats.num_images == 1000 and not given.stats.mu.any()
+    np.testing.assert_array_equal(given.features, pixels[:7].astype(np.float32))
+    with pytest.raises(ConfigError, match=r"fid_ref.stats='given.npz' and fid_ref.reference_batch='adm.npz': give one"):
+        run_fid_ref(params, reference_batch="adm.npz")
