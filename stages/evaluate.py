@@ -1,6 +1,7 @@
 """Stage evaluate: the reported scores at the setting the sweep chose (on images of their own
 unless evaluate.protocol is "reference"):
-Frechet distance (FID in Inception space, with IS), class consistency, reconstruction metrics on
+Frechet distance (FID in Inception space, with IS and sFID), KID and precision/recall where the
+reference set holds features, class consistency, reconstruction metrics on
 the validation split, a per-class sample grid, and the provenance of the run. The protocol
 (unite.evaluation.EvaluationProtocol) also sets the generation block size, the Inception Score's
 splits and TF32; the metrics record the settings in effect.
@@ -17,7 +18,7 @@ from stages.params import load_stage_params
 from unite.distributed import close_runtime, init_runtime
 from unite.evaluation import (EvaluationProtocol, allow_tf32_matmul, feature_space, generate_and_score,
                               load_exported_model, load_split, reconstruct)
-from unite.metrics.fid import GaussianStats
+from unite.metrics.fid import ReferenceSet
 from unite.generate import GridSamples, NpzImageWriter
 from unite.metrics.class_consistency import ClassConsistency
 from unite.metrics.pixel_classifiers import PixelClassifier
@@ -34,7 +35,7 @@ def arguments() -> StageArguments:
     parser = StageArguments("stages.evaluate", __doc__)
     parser.add_input("--model", "file", "the exported EMA model (safetensors, with its .json config beside it)")
     parser.add_input("--sweep", "file", "the sweep stage's json; its chosen setting is evaluated")
-    parser.add_input("--reference", "file", "the reference statistics (npz) that the images are scored against")
+    parser.add_input("--reference", "file", "the reference set (npz: statistics, features) to score against")
     parser.add_input("--shards", "folder", "the shard stage's output: train for the classifiers, val to reconstruct")
     parser.add_output("--samples", "folder", "images.npz (every generated image), grid.png and provenance.json")
     parser.add_output("--metrics", "file", "the scores (json)")
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     with ExitStack() as stack:
         if runtime.is_main:
             space = feature_space(ref["feature_space"], args.shards / "train", ref["inception_weights"], str(device))
-            reference = GaussianStats.load(args.reference)
+            reference = ReferenceSet.load(args.reference)
             size = model.cfg.image_size
             args.samples.mkdir(parents=True, exist_ok=True)
             grid = GridSamples(model.cfg.num_classes, evaluate["grid_per_class"])
@@ -69,7 +70,8 @@ def main(argv: list[str] | None = None) -> None:
                 consumers.append(consistency)
         scores = generate_and_score(model, space, reference, generation["num_images"], guidance, generation["seed"],
                                     generation["solver"], generation["steps"], generation["block_size"], runtime,
-                                    consumers, is_split_order=protocol.is_split_order)
+                                    consumers, is_split_order=protocol.is_split_order,
+                                    kid_subsets=evaluate["kid_subsets"], kid_subset_size=evaluate["kid_subset_size"])
     close_runtime()
     if not runtime.is_main:
         return

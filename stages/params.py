@@ -27,13 +27,14 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "manifest": {"root": str},
     "shard": {"image_size": int, "shard_size": int, "store": str, "png_level": int, "workers": int,
               "seed": int, "strict": bool},
-    "fid_ref": {"feature_space": str, "stats": (str, None), "inception_weights": (str, None), "batch_size": int},
+    "fid_ref": {"feature_space": str, "stats": (str, None), "reference_batch": (str, None), "split": str,
+                "set_images": int, "inception_weights": (str, None), "batch_size": int},
     "sweep": {"nproc_per_node": int, "num_images": int, "seed": int, "start_scale": float, "step": float,
               "max_extra_steps": int, "interval": list, "norm_order": str, "solver": str, "steps": int,
               "block_size": int, "wide": list, "wide_changes_choice": bool},
     "evaluate": {"nproc_per_node": int, "protocol": str, "num_images": int, "seed": int, "solver": str, "steps": int,
                  "block_size": int, "grid_per_class": int, "recon_images": int, "class_consistency": bool,
-                 "lpips": bool},
+                 "lpips": bool, "kid_subsets": int, "kid_subset_size": int},
     # not a stage: how `python -m stages.slurm submit` asks Slurm for the pipeline's job
     "slurm": {"nodes": int, "tasks_per_node": int, "gpus_per_node": int, "cpus_per_task": (int, None), "time": str,
               "partition": (str, None), "signal_seconds": int, "max_requeues": int, "sbatch_args": list},
@@ -41,6 +42,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
 CHOICES = {
     ("shard", "store"): SHARD_STORES,
     ("fid_ref", "feature_space"): FEATURE_SPACES,
+    ("fid_ref", "split"): ("train", "val"),
     ("sweep", "norm_order"): NORM_ORDERS,
     ("sweep", "solver"): SOLVERS,
     ("evaluate", "protocol"): PROTOCOLS,
@@ -142,6 +144,16 @@ def validate(params: Any, sections: tuple[str, ...] | None = None) -> dict[str, 
     for name in {"sweep", "evaluate"} & set(sections):
         if params[name]["nproc_per_node"] < 1:
             raise ConfigError(f"{name}.nproc_per_node={params[name]['nproc_per_node']}: must be >= 1")
+    if "fid_ref" in sections and params["fid_ref"]["set_images"] < 0:
+        raise ConfigError(f"fid_ref.set_images={params['fid_ref']['set_images']}: must be >= 0 (0: no KID, "
+                          f"precision or recall)")
+    if "evaluate" in sections:
+        evaluate = params["evaluate"]
+        if evaluate["kid_subsets"] < 1 or not 2 <= evaluate["kid_subset_size"] <= evaluate["num_images"]:
+            raise ConfigError(
+                f"evaluate.kid_subsets={evaluate['kid_subsets']}, evaluate.kid_subset_size="
+                f"{evaluate['kid_subset_size']}: need kid_subsets >= 1 and 2 <= kid_subset_size <= "
+                f"evaluate.num_images={evaluate['num_images']}; lower kid_subset_size")
     if "sweep" in sections:
         check_interval("sweep.interval", params["sweep"]["interval"], ConfigError)
         for number, point in enumerate(params["sweep"]["wide"]):

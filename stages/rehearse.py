@@ -64,7 +64,7 @@ def shrunk_sizes(nproc: int, num_train: int) -> dict[str, Any]:
     evaluation = {"nproc_per_node": nproc, "num_images": 4 * CLASSES, "block_size": 4}
     return {
         "shard": {"image_size": IMAGE_SIZE, "shard_size": 8, "workers": 2},
-        "fid_ref": {"batch_size": 16},
+        "fid_ref": {"batch_size": 16, "set_images": 16},
         "train": {
             "nproc_per_node": nproc,
             "model": {
@@ -82,7 +82,7 @@ def shrunk_sizes(nproc: int, num_train: int) -> dict[str, Any]:
         },
         "schedule": {"images_per_epoch": num_train},
         "sweep": {**evaluation, "max_extra_steps": 1, "steps": 4},
-        "evaluate": {**evaluation, "steps": 4, "grid_per_class": 2, "recon_images": 8},
+        "evaluate": {**evaluation, "steps": 4, "grid_per_class": 2, "recon_images": 8, "kid_subset_size": 8},
     }
 
 
@@ -133,7 +133,7 @@ def crops(folder: Path) -> torch.Tensor:
 
 def write_jit_stats(path: Path, images: torch.Tensor, inception_weights: Path) -> None:
     """mu and sigma of the images' Inception features, and nothing else: JiT's file format."""
-    stats, _ = extract(InceptionFeatures(inception_weights), images.split(16), progress=False)
+    stats = extract(InceptionFeatures(inception_weights), images.split(16), progress=False).stats
     np.savez(path, mu=stats.mu, sigma=stats.sigma)
 
 

@@ -14,8 +14,8 @@ from stages.params import load_stage_params
 from unite.evaluation import load_exported_model, reconstruct
 from unite.metrics.features import distance_name
 from unite.provenance import device_name, git_state, package_versions, params_hash
-from unite.report import (cfg_figure, curve_figure, enlarged, history_table, read_table, reconstruction_grid,
-                          render_report)
+from unite.report import (cfg_figure, curve_figure, enlarged, history_table, quality_table, read_table,
+                          reconstruction_grid, render_report)
 
 RECON_IMAGES = 16  # the first validation images, in shard order
 FIGURES = {
@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         figures["Validation originals above their reconstructions"])
 
     sweep_rows = read_table(args.sweep_table)
+    evaluation = json.loads(args.eval.read_text())
     provenance = {
         "git commit": git_state(),
         "params sha256": params_hash(params),
@@ -84,7 +85,8 @@ def main(argv: list[str] | None = None) -> None:
          "evaluate": evaluation},
         figures,
         provenance,
-        tables={"Training runs that made the model": history_table(
+        tables={"Sample quality (evaluate)": quality_table(evaluation["generation"]),
+                "Training runs that made the model": history_table(
                     json.loads(args.model.with_suffix(".json").read_text()).get("history", [])),
                 "CFG sweep points": (list(sweep_rows[0]), [list(row.values()) for row in sweep_rows])},
     )

@@ -24,7 +24,7 @@ from unite.data.manifest import write_manifest
 from unite.data.shards import write_shards
 from unite.metrics.features import PixelFeatures
 from unite.metrics.fid import frechet_distance
-from unite.stand_in_weights import write_random_inception_weights
+from unite.stand_in_weights import random_inception_network, write_random_inception_weights
 
 
 def write_pngs(folder, images: np.ndarray) -> None:
@@ -55,18 +55,54 @@ def run_cli(capsys, *argv) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-def test_unite_fid_agrees_with_torch_fidelity(inputs, capsys):
+def spatial_and_pool_features(weights, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The ADM evaluator's features of uint8 (N, H, W, 3) images, taken apart from unite: pool_3 (2048)
+    and mixed_6/conv (the TF graph node whose weights torch-fidelity's Mixed_6d.branch1x1 holds) as ADM
+    takes them: channels last, `spatial[..., :7]`, flattened."""
+    network = random_inception_network(["2048"])
+    network.load_state_dict(torch.load(weights))
+    captured = []
+    network.Mixed_6d.branch1x1.register_forward_hook(lambda module, args, out: captured.append(out.numpy().copy()))
+    with torch.no_grad():
+        (pool,) = network(torch.from_numpy(images).permute(0, 3, 1, 2))
+    nhwc = captured[0].transpose(0, 2, 3, 1)
+    return nhwc[..., :7].reshape(len(images), -1).astype(np.float64), pool.numpy().astype(np.float64)
+
+
+def adm_frechet(a: np.ndarray, b: np.ndarray) -> float:
+    """ADM's FIDStatistics.frechet_distance, |mu1 - mu2|^2 + tr S1 + tr S2 - 2 tr sqrtm(S1 S2), on the
+    np.mean/np.cov statistics of two feature sets. With fewer rows than columns, S_i = A_i A_i^T / (n_i - 1)
+    (A_i the centred features, transposed), and the eigenvalues of S1 S2 are the squared singular values of
+    A_1^T A_2 / sqrt((n_1 - 1)(n_2 - 1)): tr sqrtm(S1 S2) is the sum of those singular values."""
+    centred_a, centred_b = a - a.mean(0), b - b.mean(0)
+    diff = a.mean(0) - b.mean(0)
+    trace_sqrt = np.linalg.svd(centred_a @ centred_b.T, compute_uv=False).sum() / np.sqrt((len(a) - 1) * (len(b) - 1))
+    return float(diff @ diff + np.trace(np.cov(a, rowvar=False)) + np.trace(np.cov(b, rowvar=False)) - 2 * trace_sqrt)
+
+
+def test_unite_fid_agrees_with_torch_fidelity_and_the_adm_formula(inputs, tmp_path, capsys):
+    """`unite fid` against an ADM reference batch of the reference images (arr_0, with mu/sigma and
+    mu_s/sigma_s written here from features taken apart from unite): FID, IS, KID and precision/recall
+    equal torch-fidelity's on the image folders, sFID the ADM formula on the ADM spatial features."""
     root, weights = inputs
+    load = lambda folder: np.stack([np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))])  # noqa: E731
+    gen_spatial, _ = spatial_and_pool_features(weights, load(root / "gen"))
+    ref_spatial, ref_pool = spatial_and_pool_features(weights, load(root / "ref"))
+    assert gen_spatial.shape == (10, 2023)
+    np.savez(tmp_path / "adm.npz", load(root / "ref"), mu=ref_pool.mean(0), sigma=np.cov(ref_pool, rowvar=False),
+             mu_s=ref_spatial.mean(0), sigma_s=np.cov(ref_spatial, rowvar=False))
     # Two IS splits keep the image count small (10 splits would need 20+ images for an IS above its
     # floor of 1); the split logic itself is compared with torch-fidelity's at 10 splits in test_metrics.
-    ours = run_cli(capsys, "fid", str(root / "gen"), str(root / "ref"), "--inception-weights", str(weights),
-                   "--device", "cpu", "--is-splits", "2", "--json")
+    ours = run_cli(capsys, "fid", str(root / "gen"), str(tmp_path / "adm.npz"), "--inception-weights", str(weights),
+                   "--device", "cpu", "--is-splits", "2", "--kid-prc", "--kid-subset-size", "5", "--json")
     with threadpool_limits(1):  # its 2048 x 2048 eigvals runs faster on one BLAS thread on a busy CPU
         theirs = torch_fidelity.calculate_metrics(
-            input1=str(root / "gen"), input2=str(root / "ref"), isc=True, fid=True, isc_splits=2, cuda=False,
-            cache=False, verbose=False, save_cpu_ram=True, feature_extractor_weights_path=str(weights),
+            input1=str(root / "gen"), input2=str(root / "ref"), isc=True, fid=True, kid=True, prc=True, isc_splits=2,
+            kid_subset_size=5, cuda=False, cache=False, verbose=False, save_cpu_ram=True,
+            feature_extractor="inception-v3-compat", feature_layer_prc="2048",  # its precision/recall default: VGG16
+            feature_extractor_weights_path=str(weights),
         )
-    assert (ours["num_images"], ours["num_ref_images"], ours["feature_space"]) == (10, 5, "inception-v3-compat")
+    assert (ours["num_images"], ours["num_ref_features"], ours["feature_space"]) == (10, 5, "inception-v3-compat")
     sha256 = hashlib.sha256(weights.read_bytes()).hexdigest()
     assert ours["weights"] == (f"NOT the official weights (sha256 {sha256[:16]}..., expected 6726825d...): not "
                                "comparable to published scores")
@@ -76,6 +112,16 @@ def test_unite_fid_agrees_with_torch_fidelity(inputs, capsys):
     assert ours["fid"] == pytest.approx(theirs["frechet_inception_distance"], rel=1e-4)
     assert ours["is_mean"] == pytest.approx(theirs["inception_score_mean"], rel=1e-4)
     assert ours["is_std"] == pytest.approx(theirs["inception_score_std"], rel=1e-4)
+    # KID and precision/recall of the same pass (torch-fidelity computes them in float32).
+    assert ours["kid_mean"] == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-4)
+    assert ours["kid_std"] == pytest.approx(theirs["kernel_inception_distance_std"], rel=1e-4)
+    assert (ours["precision"], ours["recall"]) == (theirs["precision"], theirs["recall"])
+    expected = adm_frechet(gen_spatial, ref_spatial)
+    assert ours["sfid"] == pytest.approx(expected, rel=1e-4)
+    # Against a reference's statistics the layout matters: channels first instead of last would be
+    # another number.
+    channels_first = gen_spatial.reshape(10, 17, 17, 7).transpose(0, 3, 1, 2).reshape(10, -1)
+    assert abs(adm_frechet(channels_first, ref_spatial) - expected) > 1e-2 * expected
 
 
 def test_fid_stats_from_a_folder_and_from_shards_then_fid_against_the_npz(inputs, tmp_path, capsys):

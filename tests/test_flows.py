@@ -151,7 +151,8 @@ TINY_PARAMS: dict[str, Any] = {
     "train": {"max_steps": 4, "checkpoint_every": 2, "log_every": 2, "global_batch": 16, "per_device_batch": 16,
               "schedule": {"warmup_steps": 2, "hold_until_step": 3, "decay_until_step": 4, "final_lr_factor": 0.5}},
     "sweep": {"num_images": 20, "max_extra_steps": 1, "solver": "euler", "steps": 3, "block_size": 10},
-    "evaluate": {"num_images": 20, "solver": "euler", "steps": 3, "block_size": 10, "grid_per_class": 2},
+    "evaluate": {"num_images": 20, "solver": "euler", "steps": 3, "block_size": 10, "grid_per_class": 2,
+                 "kid_subset_size": 10},
 }
 
 

@@ -127,8 +127,8 @@ def test_streamed_inception_score_matches_torch_fidelity_in_any_batching(total_k
     theirs = isc_features_to_metric(logits, splits=10, shuffle=True, rng_seed=2020)
     images = torch.randint(0, 256, (103, 3, 2, 2), dtype=torch.uint8)
     batches = [images[a:b] for a, b in ((0, 1), (1, 40), (40, 41), (41, 103))]
-    _, (mean, std) = extract(LogitSpace(logits), batches, total=103 if total_known else None, is_splits=10,
-                             progress=False)
+    mean, std = extract(LogitSpace(logits), batches, total=103 if total_known else None, is_splits=10,
+                        progress=False).inception_score
     assert (mean, std) == (pytest.approx(theirs["inception_score_mean"], rel=1e-12),
                            pytest.approx(theirs["inception_score_std"], rel=1e-12))
 
@@ -165,8 +165,8 @@ def test_image_order_inception_score_is_the_references_formula(total_known):
     logits = torch.randn(103, 1000, generator=torch.Generator().manual_seed(2)) * 3
     images = torch.randint(0, 256, (103, 3, 2, 2), dtype=torch.uint8)
     batches = [images[a:b] for a, b in ((0, 7), (7, 8), (8, 95), (95, 103))]
-    _, ours = extract(LogitSpace(logits), batches, total=103 if total_known else None, is_splits=10,
-                      is_split_order="image_order", progress=False)
+    ours = extract(LogitSpace(logits), batches, total=103 if total_known else None, is_splits=10,
+                   is_split_order="image_order", progress=False).inception_score
     assert_matches_reference_is(ours, logits)
     assert inception_score(logits, 10, split_order="image_order") == ours
     changed_tail = logits.clone()

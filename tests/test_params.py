@@ -57,6 +57,10 @@ def test_the_committed_params_are_valid():
         # A random VGG16 trunk is for tests (set in TrainConfig): no metric would record it.
         (("train", "model", "lpips_random_backbone"), True,
          "train.model.lpips_random_backbone=True: not a params.yaml key: a random VGG16 trunk is for the library's"),
+        (("fid_ref", "split"), "test", "fid_ref.split='test': must be one of ['train', 'val']"),
+        (("fid_ref", "set_images"), -1, "fid_ref.set_images=-1: must be >= 0"),
+        (("evaluate", "kid_subset_size"), 1001,
+         "evaluate.kid_subset_size=1001: need kid_subsets >= 1 and 2 <= kid_subset_size <= evaluate.num_images=1000"),
     ],
 )
 def test_bad_params_name_the_key(params, path, value, text):

@@ -43,7 +43,8 @@ TINY = {
     # Blocks of 7 of 20 images: with 2 ranks, rank 0 makes two blocks and rank 1 one.
     "sweep": {"num_images": 20, "max_extra_steps": 1, "solver": "euler", "steps": 3, "block_size": 7,
               "wide": [{"norm_order": "cfg_first", "interval": [0.1, 1.0]}]},
-    "evaluate": {"num_images": 20, "solver": "euler", "steps": 3, "block_size": 7, "grid_per_class": 2},
+    "evaluate": {"num_images": 20, "solver": "euler", "steps": 3, "block_size": 7, "grid_per_class": 2,
+                 "kid_subset_size": 10},
 }
 
 
@@ -111,9 +112,15 @@ def test_repro_runs_every_stage_and_reports_metrics(repo):
     expected = class_consistency(judge, images, torch.arange(len(images)) % 10)
     assert evaluation["generation"]["class_consistency"] == expected
     assert evaluation["reconstruction"]["num_images"] == repo.metrics("shard")["val"]["written"]
+    # The suite beside FD, in pixel space: KD (not KID), precision and recall against every train
+    # image's features (fewer than fid_ref.set_images), and no sFID, which only Inception has.
+    generation = evaluation["generation"]
+    assert generation["num_ref_features"] == repo.metrics("shard")["train"]["written"]
+    assert 0 <= generation["precision"] <= 1 and 0 <= generation["recall"] <= 1 and generation["kd_std"] >= 0
+    assert "kid_mean" not in generation and generation["sfid"].startswith("none: sFID is defined on Inception")
     assert (repo.path / "samples" / "grid.png").is_file()
-    shown = json.loads(repo.run("dvc", "metrics", "show", "--json").stdout)
-    assert "metrics/eval.json" in json.dumps(shown)
+    shown = json.dumps(json.loads(repo.run("dvc", "metrics", "show", "--json").stdout))
+    assert "metrics/eval.json" in shown and '"kd_mean"' in shown and '"precision"' in shown
     warnings = [line for line in (repo.first.stdout + repo.first.stderr).splitlines() if re.search(r"warn", line, re.I)]
     assert not warnings, warnings
 
@@ -224,6 +231,7 @@ def test_plots_and_the_report_render_offline(repo, tmp_path):
     assert network_urls(report_page) == []
     report = PageReferences(report_page).attributes
     assert len(report) == len(images) and all(u.startswith("data:image/png;base64,") for u in report)
+    assert "Sample quality (evaluate)" in report_page and "KD: unbiased squared MMD" in report_page
 
     repo.run("dvc", "plots", "show", "-o", str(tmp_path / "show"))
     check(tmp_path / "show" / "index.html", ["workspace"])

@@ -96,6 +96,13 @@ def test_rehearsal_runs_every_stage_of_the_preset(preset: str, workspace: Path, 
     generation, reconstruction = evaluation["generation"], evaluation["reconstruction"]
     assert generation["feature_space"] == "inception-v3-compat" and generation["num_images"] == 16
     assert all(math.isfinite(generation[key]) for key in ("fid", "is_mean", "is_std"))
+    # The ADM suite beside FID: sFID from the spatial statistics of the first fid_ref.set_images train
+    # images (JiT's file has none), KID and precision/recall against their features.
+    assert generation["num_ref_features"] == 16
+    assert all(math.isfinite(generation[key]) for key in ("sfid", "kid_mean", "kid_std"))
+    # Precision is a share of the samples, recall a share of the reference features.
+    for share, count in (("precision", generation["num_images"]), ("recall", generation["num_ref_features"])):
+        assert generation[share] * count == round(generation[share] * count), share
     assert reconstruction["num_images"] == 8 and reconstruction["lpips"] > 0 and math.isfinite(reconstruction["rfid"])
     # The stand-in weights are never mistaken for the real ones.
     assert generation["weights"].startswith("NOT the official weights")

@@ -20,7 +20,8 @@ from stages import plots_page
 from unite.cfg_search import CfgPoint, CfgResult
 from unite.provenance import git_state, params_hash
 import unite.report
-from unite.report import cfg_figure, cfg_series, curve_figure, enlarged, read_table, reconstruction_grid, render_report
+from unite.report import (cfg_figure, cfg_series, curve_figure, enlarged, quality_table, read_table, reconstruction_grid,
+                          render_report)
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -143,14 +144,16 @@ def test_report_embeds_figures_and_escapes_values(tmp_path):
         {"evaluate": {"generation": {"frechet_distance": 0.25}}},
         {"Samples": figure},
         {"git commit": "abc123", "packages": {"torch": "2.14.1"}},
-        tables={"CFG sweep points": (["cfg_scale", "fid"], [["1.5", "0.3"]])},
+        tables={"CFG sweep points": (["cfg_scale", "fid"], [["1.5", "0.3"]]),
+                "Sample quality": quality_table({"fd": 0.25, "kd_mean": 0.125, "num_images": 3})},
     )
     assert network_urls(page) == []
     (image,) = PageReferences(page).attributes
     assert image.startswith("data:image/png;base64,")
     assert base64.b64decode(image.split(",", 1)[1]) == figure.read_bytes()
     for text in ("Run &lt;1&gt;", "train.base_lr", "0.002", "generation.frechet_distance", "0.25",
-                 "packages.torch", "2.14.1", "abc123", "CFG sweep points", "&lt;script&gt;alert(1)&lt;/script&gt;"):
+                 "packages.torch", "2.14.1", "abc123", "CFG sweep points", "&lt;script&gt;alert(1)&lt;/script&gt;",
+                 "<td>kd_mean</td><td>0.125</td><td>KD: unbiased squared MMD"):
         assert text in page, text
     assert "<script" not in page
 

@@ -34,7 +34,7 @@ SMALL = {
               "solver": "euler", "steps": 2, "block_size": 7,
               "wide": [{"norm_order": "cfg_first", "interval": [0.1, 1.0]}]},
     "evaluate": {"num_images": 30, "seed": 5, "solver": "euler", "steps": 3, "block_size": 8, "grid_per_class": 2,
-                 "recon_images": 10},
+                 "recon_images": 10, "kid_subset_size": 10},
 }
 
 
@@ -86,10 +86,10 @@ def run_stages(monkeypatch) -> tuple[dict, dict, dict]:
         real = module.generate_and_score
 
         def recorded(model, space, reference, num_images, guidance, seed, solver, steps, block_size, runtime,
-                     consumers=(), *, is_split_order, _real=real, _calls=calls[name]):
+                     consumers=(), *, is_split_order, _real=real, _calls=calls[name], **scoring):
             _calls["generation"].append((num_images, seed, solver, steps, block_size, is_split_order))
             return _real(model, space, reference, num_images, guidance, seed, solver, steps, block_size, runtime,
-                         consumers, is_split_order=is_split_order)
+                         consumers, is_split_order=is_split_order, **scoring)
 
         monkeypatch.setattr(module, "generate_and_score", recorded)
         monkeypatch.setattr(module, "allow_tf32_matmul",

@@ -38,9 +38,15 @@ def _fid(args: argparse.Namespace) -> int:
     try:
         ref = str(args.ref if args.ref is not None else resolve_reference_stats(None))
         space = _feature_space(args)
-        reference = load_reference(ref, space, **reading)
+        reference = load_reference(ref, space, set_images=args.ref_images if args.kid_prc else 0, **reading)
+        if args.kid_prc and reference.features is None:
+            raise MetricsInputError(
+                f"--kid-prc: the reference {ref!r} holds statistics only; KID and precision/recall need reference "
+                f"images (a folder, an image npz, shards or an ADM reference batch with arr_0)")
         batches, total = open_images(args.gen, **reading)
-        result = evaluate_images(batches, reference, space, total=total, is_splits=args.is_splits)
+        result = evaluate_images(batches, reference, space, total=total, is_splits=args.is_splits,
+                                 kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
+                                 device=getattr(space, "device", "cpu"))
     except (MetricsInputError, DataError) as exc:
         print(f"unite fid: error: {exc}", file=sys.stderr)
         return 2
@@ -56,19 +62,22 @@ def _fid(args: argparse.Namespace) -> int:
 def _fid_stats(args: argparse.Namespace) -> int:
     from unite.data.errors import DataError
     from unite.data.readers import open_images
-    from unite.metrics.fid import compute_reference_stats
+    from unite.metrics.fid import compute_reference_set
     from unite.metrics.inputs import MetricsInputError
 
     try:
         space = _feature_space(args)
         batches, total = open_images(args.source, batch_size=args.batch_size, num_workers=args.num_workers,
                                      recursive=args.recursive)
-        stats = compute_reference_stats(batches, space, total=total)
+        reference = compute_reference_set(batches, space, set_images=args.ref_images, total=total)
     except (MetricsInputError, DataError) as exc:
         print(f"unite fid-stats: error: {exc}", file=sys.stderr)
         return 2
-    stats.save(args.out)
-    print(f"wrote {args.out}: {stats.num_images} images, {stats.mu.shape[0]} features ({space.name})", file=sys.stderr)
+    reference.save(args.out)
+    stats, kept = reference.stats, 0 if reference.features is None else len(reference.features)
+    spatial = ", spatial statistics" if reference.spatial is not None else ""
+    print(f"wrote {args.out}: {stats.num_images} images, {stats.mu.shape[0]} features ({space.name}){spatial}, "
+          f"features of {kept} images", file=sys.stderr)
     return 0
 
 
@@ -171,21 +180,36 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trust_pickle(parity)
     parity.set_defaults(handler=_parity)
 
-    fid = commands.add_parser("fid", help="FID and Inception Score of generated images against a reference")
+    fid = commands.add_parser("fid", help="FID, sFID, Inception Score, KID, precision and recall of generated images "
+                                          "against a reference, from one pass over the images")
     fid.add_argument("gen", help="generated images: a folder of PNG/JPEG files or a uint8 image .npz")
     fid.add_argument("ref", nargs="?", default=None,
-                     help="reference: statistics .npz (mu, sigma; several shards: write one with fid-stats), "
+                     help="reference: statistics .npz (mu, sigma, and mu_s, sigma_s for sFID; several shards: write "
+                          "one with fid-stats), an ADM reference batch .npz (arr_0 images and those statistics), "
                           "image folder, image .npz or one .tar shard (default: env IN256_FID_STATS)")
     _add_feature_args(fid)
     fid.add_argument("--is-splits", type=int, default=10)
+    fid.add_argument("--kid-prc", action="store_true",
+                     help="also KID and precision/recall (k=3): they need the features of reference images, so REF "
+                          "must be images or an ADM reference batch, and the generated features are kept "
+                          "(8 KB per Inception image)")
+    fid.add_argument("--ref-images", type=int, default=10000,
+                     help="with --kid-prc: the reference images (the first) whose features are kept (the ADM "
+                          "reference batch's 10000; all of an ADM batch's arr_0 are used)")
+    fid.add_argument("--kid-subsets", type=int, default=100, help="KID: random subsets averaged (torch-fidelity's 100)")
+    fid.add_argument("--kid-subset-size", type=int, default=1000,
+                     help="KID: images per subset, at most both counts (torch-fidelity's 1000)")
     fid.add_argument("--json", action="store_true", help="print one JSON object")
     fid.set_defaults(handler=_fid)
 
-    fid_stats = commands.add_parser("fid-stats", help="write reference statistics (mu, sigma) of real images")
+    fid_stats = commands.add_parser("fid-stats", help="write reference statistics (mu, sigma; mu_s, sigma_s in "
+                                                       "Inception space) of real images")
     fid_stats.add_argument("source", nargs="+", help="an image folder, an image .npz, or .tar shards of any store "
                                                        "(png, npy, source; cropped to the size in their index.json)")
     fid_stats.add_argument("out", help="output statistics .npz")
     _add_feature_args(fid_stats)
+    fid_stats.add_argument("--ref-images", type=int, default=0,
+                           help="also keep the features of the first N images, for `unite fid --kid-prc`")
     fid_stats.set_defaults(handler=_fid_stats)
 
     gen = commands.add_parser(

@@ -15,7 +15,8 @@ from unite.data.loaders import shard_loader
 from unite.distributed import Runtime
 from unite.generate import generate_in_order
 from unite.metrics.features import FeatureSpace, build_feature_space
-from unite.metrics.fid import GaussianStats, evaluate_images
+from unite.metrics.fid import GaussianStats, ReferenceSet, evaluate_images
+from unite.metrics.kid import KID_SUBSET_SIZE, KID_SUBSETS
 from unite.model import UNITE
 from unite.options import PROTOCOLS, check_choice
 from unite.sampling import Guidance
@@ -110,7 +111,7 @@ BlockConsumer = Callable[[range, Tensor, Tensor], None]
 def generate_and_score(
     model: UNITE,
     space: FeatureSpace | None,
-    reference: GaussianStats | None,
+    reference: ReferenceSet | GaussianStats | None,
     num_images: int,
     guidance: Guidance,
     seed: int,
@@ -120,6 +121,8 @@ def generate_and_score(
     runtime: Runtime | None = None,
     consumers: Sequence[BlockConsumer] = (),
     is_split_order: str = "shuffled",
+    kid_subsets: int = KID_SUBSETS,
+    kid_subset_size: int = KID_SUBSET_SIZE,
 ) -> dict | None:
     """Generate class-balanced images (on every rank of `runtime`) and score them against the
     reference statistics on the main process, which alone needs `space` and `reference`.
@@ -128,8 +131,9 @@ def generate_and_score(
     (indices, labels, uint8 images (B, H, W, 3)), to every consumer (an npz writer, a grid, a
     class-consistency count) before dropping it, so memory stays flat in `num_images` and the
     scores do not depend on the number of ranks. The Inception Score's splits are cut as
-    `is_split_order` (unite.metrics.fid.IS_SPLIT_ORDERS). Returns the scores on the main process,
-    None elsewhere."""
+    `is_split_order` (unite.metrics.fid.IS_SPLIT_ORDERS). A ReferenceSet with features adds KID
+    (`kid_subsets` of `kid_subset_size`) and precision/recall, for which the main process keeps the
+    generated features. Returns the scores on the main process, None elsewhere."""
     runtime = runtime or Runtime(0, 1, next(model.parameters()).device)
     blocks = generate_in_order(model, num_images, guidance, runtime, seed=seed, block_size=block_size,
                                solver=solver, steps=steps)
@@ -145,6 +149,7 @@ def generate_and_score(
             yield images.permute(0, 3, 1, 2)
 
     return evaluate_images(scored_batches(), reference, space, total=num_images, is_split_order=is_split_order,
+                           kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, device=runtime.device,
                            progress=False)
 
 

@@ -157,6 +157,28 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+# The sample-quality scores of evaluate's generation section, in reading order, with what each measures.
+QUALITY_METRICS = {
+    "fid": "FID: Frechet distance of Inception pool features to the reference (lower is better)",
+    "fd": "FD: Frechet distance in the run's feature space (not FID; lower is better)",
+    "sfid": "sFID: Frechet distance of Inception's spatial mixed_6/conv features (lower is better)",
+    "kid_mean": "KID: unbiased squared MMD of Inception pool features, mean over subsets (lower is better)",
+    "kid_std": "KID: its std over subsets",
+    "kd_mean": "KD: unbiased squared MMD in the run's feature space (not KID; lower is better)",
+    "kd_std": "KD: its std over subsets",
+    "precision": "precision: share of samples inside the reference manifold, k=3 (fidelity)",
+    "recall": "recall: share of reference images inside the samples' manifold, k=3 (diversity)",
+    "is_mean": "Inception Score (higher is better)",
+    "class_consistency": "class consistency: a real-data classifier's accuracy on the samples",
+}
+
+
+def quality_table(generation: Mapping[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """(header, rows) of the sample-quality scores that evaluate reported, each with its meaning."""
+    rows = [[key, generation[key], meaning] for key, meaning in QUALITY_METRICS.items() if key in generation]
+    return ["metric", "value", "what it measures"], rows
+
+
 def data_uri(path: str | Path) -> str:
     """A PNG file as a data: URI, so the page needs no file beside it."""
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")

@@ -2,7 +2,8 @@
 
 "inception" is torch-fidelity's own `inception-v3-compat` extractor loaded from a local weights file,
 so FID/IS follow the protocol of torch-fidelity and JiT: uint8 images, features "2048" for FID,
-"logits_unbiased" for IS. The demo's feature spaces ("pixel", "classifier") need no downloaded
+KID and precision/recall, "logits_unbiased" for IS, and the spatial features of the ADM suite for
+sFID (`SpatialFeatureSpace`). The demo's feature spaces ("pixel", "classifier") need no downloaded
 weights and are reported as Frechet distances ("fd"), never as FID.
 """
 
@@ -13,7 +14,7 @@ import os
 import pickle
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -29,6 +30,11 @@ INCEPTION_WEIGHTS_ENV = "INCEPTION_WEIGHTS"
 INCEPTION_NAME = "inception-v3-compat"
 # The first 8 hex digits of the sha256 of the official weights files (torch hub's naming rule).
 INCEPTION_WEIGHTS_SHA256_PREFIX = "6726825d"
+# sFID's features (the ADM evaluator's "mixed_6/conv:0", whose weights torch-fidelity loads into
+# Mixed_6d.branch1x1): the first 7 of its 192 channels on the 17 x 17 grid, flattened in TensorFlow's
+# (height, width, channel) order, so that statistics match the mu_s/sigma_s of ADM reference batches.
+SPATIAL_CHANNELS = 7
+SPATIAL_DIM = 17 * 17 * SPATIAL_CHANNELS  # 2023
 
 
 def resolve_inception_weights(path: str | os.PathLike | None = None) -> Path:
@@ -49,6 +55,17 @@ class FeatureSpace(Protocol):
     name: str
 
     def __call__(self, images: Tensor) -> tuple[Tensor, Tensor | None]: ...
+
+
+@runtime_checkable
+class SpatialFeatureSpace(Protocol):
+    """A feature space that also gives sFID's spatial features, from the same forward pass."""
+
+    name: str
+
+    def __call__(self, images: Tensor) -> tuple[Tensor, Tensor | None]: ...
+
+    def with_spatial(self, images: Tensor) -> tuple[Tensor, Tensor | None, Tensor]: ...
 
 
 class InceptionFeatures:
@@ -94,6 +111,21 @@ class InceptionFeatures:
     def __call__(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
         pool, logits = self.network(images.to(self.device))
         return pool.cpu(), logits[:, :1000].cpu()
+
+    def with_spatial(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Pool features, logits and the (N, 2023) spatial features of sFID, in one forward pass."""
+        captured: list[Tensor] = []
+
+        def keep(module: torch.nn.Module, inputs: tuple, output: Tensor) -> None:
+            spatial = output[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1)  # NCHW -> TensorFlow's NHWC
+            captured.append(spatial.reshape(len(output), -1).float().cpu())
+
+        handle = self.network.Mixed_6d.branch1x1.register_forward_hook(keep)
+        try:
+            pool, logits = self(images)
+        finally:
+            handle.remove()
+        return pool, logits, captured[0]
 
 
 class PixelFeatures:
@@ -152,3 +184,8 @@ def distance_name(feature_space: str) -> str:
     """What a report calls the Frechet distance in a space: FID in Inception space only."""
     kind = feature_space_kind(feature_space)
     return "FID" if kind == "inception" else f"Frechet distance in {kind} features"
+
+
+def kernel_key(feature_space: str) -> str:
+    """The metric name of a kernel distance in a space: "kid" in Inception space only, "kd" elsewhere."""
+    return "kid" if feature_space_kind(feature_space) == "inception" else "kd"

@@ -1,13 +1,16 @@
 """FID and Inception Score maths: Gaussian statistics of features (streamed, saved as JiT's npz),
 the Frechet distance between two of them, the Inception Score of logits, and the quantisation of
-[0, 1] images to the uint8 the protocol scores. The feature spaces live in `unite.metrics.features`,
+[0, 1] images to the uint8 the protocol scores; the reference sets (statistics, spatial statistics,
+features) that sFID, KID and precision/recall compare with, and the one pass over generated images
+that scores them all. The feature spaces live in `unite.metrics.features`,
 the image readers in `unite.data.readers`.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+import zipfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +21,11 @@ from torch import Tensor
 from tqdm import tqdm
 
 from unite.data.readers import npz_array, open_images
-from unite.metrics.features import INCEPTION_NAME, FeatureSpace, distance_key
+from unite.metrics.features import (INCEPTION_NAME, SPATIAL_DIM, FeatureSpace, SpatialFeatureSpace, distance_key,
+                                    feature_space_kind, kernel_key)
 from unite.metrics.inputs import MetricsInputError, resolve_input_file
+from unite.metrics.kid import KID_SUBSET_SIZE, KID_SUBSETS, kernel_distance
+from unite.metrics.precision_recall import precision_recall
 from unite.options import check_choice
 
 REFERENCE_STATS_ENV = "IN256_FID_STATS"
@@ -130,6 +136,18 @@ class RunningStats:
         return GaussianStats(self.shift + mean, sigma, self.count, feature_space)
 
 
+@dataclass
+class Extraction:
+    """What one pass over the images gives: Gaussian statistics of the features (FID), the
+    Inception Score where asked, the statistics of the spatial features (sFID) in spaces that have
+    them, and the features of the first images where kept (KID, precision/recall)."""
+
+    stats: GaussianStats
+    inception_score: tuple[float, float] | None = None
+    spatial: GaussianStats | None = None
+    features: np.ndarray | None = None  # float32 (kept, D)
+
+
 def extract(
     space: FeatureSpace,
     batches: Iterable[Tensor],
@@ -137,16 +155,21 @@ def extract(
     total: int | None = None,
     is_splits: int = 0,
     is_split_order: str = "shuffled",
+    keep_features: int | None = 0,
     progress: bool = True,
     desc: str = "features",
-) -> tuple[GaussianStats, tuple[float, float] | None]:
-    """Run uint8 (N, 3, H, W) batches through a feature space: Gaussian statistics of the features,
-    and (IS mean, std) over `is_splits` splits cut as `is_split_order` (one of IS_SPLIT_ORDERS)
-    where the space has logits and `is_splits` > 0.
+) -> Extraction:
+    """Run uint8 (N, 3, H, W) batches through a feature space once: Gaussian statistics of the
+    features, (IS mean, std) over `is_splits` splits cut as `is_split_order` (one of
+    IS_SPLIT_ORDERS) where the space has logits and `is_splits` > 0, spatial statistics where the
+    space has spatial features, and the features of the first `keep_features` images (None: all).
 
     With the image count `total` known, the IS sums of each split grow as the batches come, so
-    memory stays flat in the count; otherwise the logits are kept until the end."""
-    moments, score, kept = RunningStats(), None, []
+    memory stays flat in the count; otherwise the logits are kept until the end. Kept features
+    take 4 D bytes per image (400 MB for 50,000 Inception images)."""
+    moments, score, kept_logits, kept = RunningStats(), None, [], []
+    spatial = RunningStats() if isinstance(space, SpatialFeatureSpace) else None
+    room = float("inf") if keep_features is None else keep_features
     with tqdm(total=total, desc=f"{desc} ({space.name})", unit="img", disable=not progress) as bar:
         for batch in batches:
             if batch.dtype != torch.uint8 or batch.ndim != 4 or batch.shape[1] != 3:
@@ -154,19 +177,31 @@ def extract(
                     f"image batch: dtype {batch.dtype}, shape {tuple(batch.shape)}; it must be uint8 (N, 3, H, W) "
                     f"(use to_uint8 on [0, 1] images)"
                 )
-            features, logits = space(batch)
+            if spatial is not None:
+                features, logits, spatial_features = space.with_spatial(batch)
+                spatial.update(spatial_features.numpy())
+            else:
+                features, logits = space(batch)
             moments.update(features.numpy())
+            if room > 0:
+                kept.append(features[: int(min(room, len(features)))].numpy().astype(np.float32))
+                room -= len(kept[-1])
             if is_splits and logits is not None:
                 if total is None:
-                    kept.append(logits)
+                    kept_logits.append(logits)
                 else:
                     score = score or InceptionScore(total, is_splits, split_order=is_split_order)
                     score.update(logits)
             bar.update(len(batch))
-    if kept:
-        score = InceptionScore(sum(len(logits) for logits in kept), is_splits, split_order=is_split_order)
-        score.update(torch.cat(kept))
-    return moments.stats(space.name), (score.result() if score is not None else None)
+    if kept_logits:
+        score = InceptionScore(sum(len(logits) for logits in kept_logits), is_splits, split_order=is_split_order)
+        score.update(torch.cat(kept_logits))
+    return Extraction(
+        moments.stats(space.name),
+        score.result() if score is not None else None,
+        spatial.stats(space.name) if spatial is not None else None,
+        np.concatenate(kept) if kept else None,
+    )
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
@@ -267,31 +302,149 @@ def inception_score(logits: Tensor, splits: int = 10, shuffle_seed: int = IS_SHU
     return score.result()
 
 
+@dataclass
+class ReferenceSet:
+    """What generated images are compared with: Gaussian statistics of the features (FID), of the
+    spatial features (sFID; Inception only) and the features of a set of reference images (KID,
+    precision/recall). Saved as one npz: `mu`, `sigma` (JiT's format), `mu_s`, `sigma_s` (the ADM
+    reference batch's names), `features` (float32 (M, D)), `num_images`, `feature_space`."""
+
+    stats: GaussianStats
+    spatial: GaussianStats | None = None
+    features: np.ndarray | None = None
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the npz (parent folders are created)."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        arrays = dict(mu=self.stats.mu, sigma=self.stats.sigma, num_images=np.int64(self.stats.num_images),
+                      feature_space=np.str_(self.stats.feature_space or ""))
+        if self.spatial is not None:
+            arrays.update(mu_s=self.spatial.mu, sigma_s=self.spatial.sigma)
+        if self.features is not None:
+            arrays["features"] = self.features.astype(np.float32)
+        with open(path, "wb") as handle:
+            np.savez(handle, **arrays)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ReferenceSet:
+        """Read a statistics npz: JiT's (mu, sigma), an ADM reference batch's statistics (also mu_s,
+        sigma_s; its images are not read here: see `from_adm_batch`) or one written by `save`."""
+        stats = GaussianStats.load(path)
+        what = f"reference statistics {str(path)!r}"
+        with np.load(path, allow_pickle=False) as data:
+            spatial = features = None
+            if "mu_s" in data.files or "sigma_s" in data.files:
+                mu_s = npz_array(data, "mu_s", what).astype(np.float64) if "mu_s" in data.files else None
+                sigma_s = npz_array(data, "sigma_s", what).astype(np.float64) if "sigma_s" in data.files else None
+                shapes = None if mu_s is None or sigma_s is None else (mu_s.shape, sigma_s.shape)
+                if shapes != ((SPATIAL_DIM,), (SPATIAL_DIM, SPATIAL_DIM)):
+                    raise MetricsInputError(
+                        f"{what}: mu_s and sigma_s must both be there, of shapes ({SPATIAL_DIM},) and "
+                        f"({SPATIAL_DIM}, {SPATIAL_DIM}) (sFID's spatial statistics, as in ADM reference batches)"
+                    )
+                spatial = GaussianStats(mu_s, sigma_s, stats.num_images, stats.feature_space)
+            if "features" in data.files:
+                features = npz_array(data, "features", what).astype(np.float32)
+                if features.ndim != 2 or features.shape[1] != stats.mu.shape[0]:
+                    raise MetricsInputError(f"{what}: features of shape {features.shape}; they must be (M, "
+                                            f"{stats.mu.shape[0]}), in the space of mu")
+        return cls(stats, spatial, features)
+
+    @classmethod
+    def from_adm_batch(
+        cls, path: str | os.PathLike, space: FeatureSpace, *, batch_size: int = 100, progress: bool = True
+    ) -> ReferenceSet:
+        """An ADM reference batch (e.g. VIRTUAL_imagenet256_labeled.npz): its mu/sigma and mu_s/sigma_s,
+        and the Inception features of its `arr_0` images (10,000 for ImageNet 256), read in
+        batches of `batch_size` so that the images never sit in memory whole."""
+        if feature_space_kind(space.name) != "inception":
+            raise MetricsInputError(f"ADM reference batch {str(path)!r}: its statistics are Inception's; the "
+                                    f"feature space is {space.name} (set fid_ref.feature_space: inception)")
+        given = cls.load(path)
+        if given.spatial is None:
+            raise MetricsInputError(f"ADM reference batch {str(path)!r}: no mu_s/sigma_s (sFID's statistics); "
+                                    f"give the reference batch npz itself (arr_0, mu, sigma, mu_s, sigma_s)")
+        batches, count = adm_batch_images(path, batch_size)
+        features = extract(space, batches, total=count, keep_features=None, progress=progress,
+                           desc="reference batch").features
+        return cls(given.stats, given.spatial, features)
+
+
+def adm_batch_images(path: str | os.PathLike, batch_size: int) -> tuple[Iterator[Tensor], int]:
+    """uint8 (B, 3, H, W) batches of an npz's `arr_0` (N, H, W, 3), read from the zip member as a
+    stream (compressed or not), and N."""
+    archive = zipfile.ZipFile(path)
+    if "arr_0.npy" not in archive.namelist():
+        raise MetricsInputError(f"ADM reference batch {str(path)!r}: no arr_0 image array (has "
+                                f"{archive.namelist()}); it must hold arr_0 (N, H, W, 3) uint8")
+    stream = archive.open("arr_0.npy")
+    version = np.lib.format.read_magic(stream)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read_header(stream)
+    if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or fortran:
+        raise MetricsInputError(f"ADM reference batch {str(path)!r}: arr_0 is {dtype} {shape}; it must be uint8 "
+                                f"(N, H, W, 3) in C order")
+    image_bytes = int(np.prod(shape[1:]))
+
+    def batches() -> Iterator[Tensor]:
+        with archive, stream:
+            for start in range(0, shape[0], batch_size):
+                count = min(batch_size, shape[0] - start)
+                chunk = np.frombuffer(stream.read(count * image_bytes), np.uint8).reshape(count, *shape[1:])
+                yield torch.from_numpy(chunk.copy()).permute(0, 3, 1, 2)
+
+    return batches(), shape[0]
+
+
 def evaluate_images(
     batches: Iterable[Tensor],
-    reference: GaussianStats,
+    reference: ReferenceSet | GaussianStats,
     space: FeatureSpace,
     *,
     total: int | None = None,
     is_splits: int = 10,
     is_split_order: str = "shuffled",
+    kid_subsets: int = KID_SUBSETS,
+    kid_subset_size: int = KID_SUBSET_SIZE,
+    device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> dict[str, float | int | str]:
-    """FID (or FD) of generated uint8 batches against reference statistics, and IS (splits cut as
-    `is_split_order`) where the space has logits: {feature_space, fid|fd, is_mean, is_std,
-    num_images, num_ref_images}."""
-    stats, inception = extract(space, batches, total=total, is_splits=is_splits, is_split_order=is_split_order,
-                               progress=progress, desc="generated")
+    """Scores of generated uint8 batches against a reference, from one pass over the images:
+    FID (FD outside Inception space), IS (splits cut as `is_split_order`) where the space has
+    logits; with a ReferenceSet also sFID (or why there is none), and, where it holds features, KID
+    (KD outside Inception space; `kid_subsets` subsets of `kid_subset_size`) and precision/recall
+    (k = 3, distances on `device`). The generated features are kept only for the latter."""
+    if isinstance(reference, GaussianStats):
+        reference = ReferenceSet(reference)
+    suite = reference.features is not None
+    extraction = extract(space, batches, total=total, is_splits=is_splits, is_split_order=is_split_order,
+                         keep_features=None if suite else 0, progress=progress, desc="generated")
+    stats = extraction.stats
     result: dict[str, float | int | str] = {
         "feature_space": space.name,
-        distance_key(space.name): stats_distance(stats, reference),
+        distance_key(space.name): stats_distance(stats, reference.stats),
     }
+    if extraction.spatial is not None and reference.spatial is not None:
+        result["sfid"] = frechet_distance(extraction.spatial.mu, extraction.spatial.sigma, reference.spatial.mu,
+                                          reference.spatial.sigma)
+    elif reference.spatial is not None or suite:
+        result["sfid"] = "none: " + ("sFID is defined on Inception's mixed_6/conv features only"
+                                     if extraction.spatial is None
+                                     else "the reference has no spatial statistics (mu_s, sigma_s)")
+    if suite:
+        kernel = kernel_key(space.name)
+        result[f"{kernel}_mean"], result[f"{kernel}_std"] = kernel_distance(
+            extraction.features, reference.features, kid_subsets, kid_subset_size, device=device)
+        result["precision"], result["recall"] = precision_recall(extraction.features, reference.features,
+                                                                 device=device)
     if hasattr(space, "weights_check"):
         result["weights"] = space.weights_check
-    if inception is not None:
-        result["is_mean"], result["is_std"] = inception
+    if extraction.inception_score is not None:
+        result["is_mean"], result["is_std"] = extraction.inception_score
     result["num_images"] = stats.num_images
-    result["num_ref_images"] = reference.num_images
+    result["num_ref_images"] = reference.stats.num_images
+    if suite:
+        result["num_ref_features"] = len(reference.features)
     return result
 
 
@@ -299,28 +452,41 @@ def compute_reference_stats(
     batches: Iterable[Tensor], space: FeatureSpace, *, total: int | None = None, progress: bool = True
 ) -> GaussianStats:
     """Reference statistics of real uint8 image batches (any iterable, e.g. a data loader)."""
-    stats, _ = extract(space, batches, total=total, progress=progress, desc="reference")
-    return stats
+    return extract(space, batches, total=total, progress=progress, desc="reference").stats
+
+
+def compute_reference_set(
+    batches: Iterable[Tensor], space: FeatureSpace, *, set_images: int, total: int | None = None,
+    progress: bool = True,
+) -> ReferenceSet:
+    """A ReferenceSet of real uint8 image batches: statistics of all, features of the first
+    `set_images` (none for 0)."""
+    extraction = extract(space, batches, total=total, keep_features=set_images, progress=progress, desc="reference")
+    return ReferenceSet(extraction.stats, extraction.spatial, extraction.features)
 
 
 def load_reference(
     ref: str | os.PathLike | None,
     space: FeatureSpace,
     *,
+    set_images: int = 0,
     batch_size: int = 64,
     num_workers: int = 0,
     recursive: bool = False,
     progress: bool = True,
-) -> GaussianStats:
-    """Reference statistics from a statistics npz (`ref`, else env IN256_FID_STATS), or computed
-    from an image folder / image npz / shards."""
+) -> ReferenceSet:
+    """The reference of `ref` (else env IN256_FID_STATS): a statistics npz as it is, an ADM
+    reference batch (statistics, and the features of its images where `set_images`), or computed
+    from an image folder / image npz / shards (features of the first `set_images`)."""
     if ref is None:
-        return GaussianStats.load(resolve_reference_stats(None))
+        return ReferenceSet.load(resolve_reference_stats(None))
     path = Path(ref)
     if path.is_file() and path.suffix == ".npz":
         with np.load(path, allow_pickle=False) as data:
-            is_stats = "mu" in data.files
+            is_stats, has_images = "mu" in data.files, "arr_0" in data.files
+        if is_stats and has_images and set_images:
+            return ReferenceSet.from_adm_batch(path, space, batch_size=batch_size, progress=progress)
         if is_stats:
-            return GaussianStats.load(path)
+            return ReferenceSet.load(path)
     batches, total = open_images(ref, batch_size=batch_size, num_workers=num_workers, recursive=recursive)
-    return compute_reference_stats(batches, space, total=total, progress=progress)
+    return compute_reference_set(batches, space, set_images=set_images, total=total, progress=progress)
