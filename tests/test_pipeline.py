@@ -369,7 +369,8 @@ def test_a_failed_train_run_leaves_the_training_metrics_to_the_next(repo):
     failed = repo.run("dvc", "repro", "train", check=False)
     assert failed.returncode != 0 and "global_batch=0: must be a positive integer" in failed.stdout + failed.stderr
     repo.set_params({"train": {"global_batch": good_batch}})
-    result = repo.run("dvc", "repro", "--no-run-cache")  # the stage itself, not DVC's run-cache, restores them
+    # Forced, so that the stage itself runs (not DVC's cache or run-cache) and puts them back.
+    result = repo.run("dvc", "repro", "--force", "--single-item", "train")
     assert "Running stage 'train'" in result.stdout
     assert tsv.read_text() == before
     assert repo.metrics("train") == before_json
