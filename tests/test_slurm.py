@@ -68,8 +68,8 @@ class Repo:
 
     def forget_training(self) -> None:
         """Remove the recipe's runs from the checkpoint store and the final model, so that the
-        train stage trains from scratch (the job then runs `dvc repro --no-run-cache`: DVC's
-        run-cache would otherwise restore the model without training)."""
+        train stage trains from scratch (the job then runs `dvc repro --force` on the train stage:
+        DVC would otherwise restore the model from its cache without training)."""
         subprocess.run(["rm", "-rf", *Path(self.env[STORE_ENV]).glob("*"), self.path / "models" / "final.pt"],
                        check=True)
 
@@ -163,7 +163,7 @@ def test_failing_ranks_fail_the_job_and_leave_dvc_lock_alone(repo):
 def test_ctrl_c_of_submit_cancels_the_job_after_training_checkpoints(repo):
     lock = (repo.path / "dvc.lock").read_bytes()
     repo.forget_training()
-    submitted = repo.submit("--", "repro", "--no-run-cache")
+    submitted = repo.submit("--", "repro", "--force", "--single-item", "train")
     job_id, log = job_of(submitted)
     wait_for_checkpoint(repo, submitted)
     submitted.send_signal(signal.SIGINT)
@@ -179,7 +179,7 @@ def test_the_time_limit_warning_checkpoints_requeues_and_resumes(repo):
     """Slurm's warning before the time limit is SIGUSR1 to the batch script (#SBATCH --signal=B:USR1@...);
     it is sent here as soon as training is mid-run, as Slurm would send it at a short limit."""
     repo.forget_training()
-    submitted = repo.submit("--", "repro", "--no-run-cache")
+    submitted = repo.submit("--", "repro", "--force", "--downstream", "train")  # train and what follows it
     job_id, log = job_of(submitted)
     wait_for_checkpoint(repo, submitted)
     subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], env=repo.env, check=True)
