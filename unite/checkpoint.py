@@ -4,10 +4,9 @@ A checkpoint is `<dir>/step_<step>.pt`. The checkpoint at every `max_steps` a ru
 milestone (listed in `<dir>/milestones.json`): keep-last-N pruning never deletes it, so that a
 run asked for that step again finds that exact model. A checkpoint is written to a temporary
 name in the same folder, synced to disk and renamed, so a crash mid-write leaves at most a
-`*.tmp` file, which
-`latest_checkpoint` never picks and the next save removes. A checkpoint that cannot be read
-anyway (a disk fault, a copy cut short) is renamed `*.pt.unreadable` by `load_newest_readable`,
-which resumes from the one before it.
+`*.tmp` file, which `latest_checkpoint` never picks and the next save removes. A checkpoint that
+cannot be read anyway (a disk fault, a copy cut short) is renamed `*.pt.unreadable` by
+`load_newest_readable`, which resumes from the one before it.
 """
 
 from __future__ import annotations
