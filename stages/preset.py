@@ -9,6 +9,7 @@ A preset that reads another image folder also drops the demo's data stage from d
 """
 
 import argparse
+import copy
 import io
 from pathlib import Path
 
@@ -104,11 +105,15 @@ def load_preset(preset_file: Path, yaml: YAML | None = None) -> dict:
 
 
 def merge_params(base: dict, changes: dict) -> dict:
-    """`changes` written into `base` key by key, nested mappings merged rather than replaced."""
+    """A copy of `base` with `changes` written in key by key, nested mappings merged rather than
+    replaced (and comments carried, for round-trip mappings). Neither argument is changed, nor
+    shares a mapping with the result."""
+    merged = copy.deepcopy(base)
     for key, value in changes.items():
-        base[key] = merge_params(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
-        _copy_comment(changes, base, key)
-    return base
+        nested = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = merge_params(merged[key], value) if nested else copy.deepcopy(value)
+        _copy_comment(changes, merged, key)
+    return merged
 
 
 def _copy_comment(source, target, key: str) -> None:

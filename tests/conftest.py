@@ -15,6 +15,23 @@ from unite.config import ModelConfig, model_config
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 PARITY_FIXTURE = FIXTURES / "unite_parity_a.pt"
 
+# scripts/test runs the suite on two pytest-xdist workers (`--dist loadgroup`). Each module's tests
+# stay on one worker, so that its module fixtures (a pipeline run, a Prefect server, a Slurm
+# cluster) are built once, except in these modules, whose tests are long and their fixtures cheap.
+SPREAD_ACROSS_WORKERS = {"test_rehearsal.py", "test_dry_run.py"}
+# The longest modules first, so that the two workers finish together (`--no-loadscope-reorder`).
+LONGEST_FIRST = ["test_rehearsal.py", "test_pipeline.py", "test_flows.py", "test_slurm.py", "test_dry_run.py",
+                 "test_reference.py", "test_launch.py", "test_fid_cli.py"]
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name not in SPREAD_ACROSS_WORKERS:
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each module keeps its order
+
 
 @pytest.fixture(scope="module", autouse=True)
 def checkpoint_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:

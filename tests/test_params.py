@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from stages.params import load_params, validate
-from stages.preset import apply_preset
+from stages.preset import apply_preset, merge_params
 from stages.preset import main as preset_main
 from unite.config import ConfigError
 
@@ -123,6 +123,21 @@ def test_release_presets_are_their_base_with_14_flow_draws(tmp_path, monkeypatch
     for params in (base_params, release):
         params["train"]["model"].pop("flow_steps_per_recon"), params["train"]["model"].pop("flow_mini_batch")
     assert release == base_params
+
+
+def test_merging_params_changes_neither_argument():
+    """Tests merge one set of shrunk params into many copies of params.yaml: a merge that wrote into
+    (or shared a mapping with) an argument would carry one test's changes into the next."""
+    base = {"train": {"max_steps": 10, "model": {"depth": 2}}, "sweep": {"steps": 4}}
+    changes = {"train": {"model": {"depth": 3}}, "evaluate": {"seed": 1, "extra": {"a": 1}}}
+    originals = copy.deepcopy((base, changes))
+    merged = merge_params(base, changes)
+    assert merged == {"train": {"max_steps": 10, "model": {"depth": 3}}, "sweep": {"steps": 4},
+                      "evaluate": {"seed": 1, "extra": {"a": 1}}}
+    assert (base, changes) == originals
+    merged["evaluate"]["extra"]["a"] = 2
+    merged["sweep"]["steps"] = 5
+    assert (base, changes) == originals
 
 
 def preset_chain(name: str) -> list[Path]:

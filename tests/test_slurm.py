@@ -5,7 +5,6 @@ params: a job whose two tasks stand in for two nodes, failing ranks, Ctrl-C of `
 
 from __future__ import annotations
 
-import copy
 import os
 import re
 import signal
@@ -28,7 +27,7 @@ pytestmark = pytest.mark.slow
 
 # Two torchrun launchers of one process each on the one node: a world of two ranks, as two nodes
 # would give. Twelve steps, a checkpoint every two: a signal after the first lands mid-run.
-SLURM_TINY = merge_params(copy.deepcopy(TINY), {  # merge_params writes into its first argument
+SLURM_TINY = merge_params(TINY, {
     "train": {"max_steps": 12, "checkpoint_every": 2,
               "schedule": {"warmup_steps": 2, "hold_until_step": 6, "decay_until_step": 12, "final_lr_factor": 0.5}},
     "slurm": {"tasks_per_node": 2, "signal_seconds": 60, "max_requeues": 2},
