@@ -62,6 +62,7 @@ ACCUMULATION = 2  # micro-batches per optimizer step, as the presets have
 def shrunk_sizes(nproc: int, num_train: int) -> dict[str, Any]:
     """The sizes a rehearsal changes; everything else keeps the preset's value."""
     evaluation = {"nproc_per_node": nproc, "num_images": 4 * CLASSES, "block_size": 4}
+    search = {"nproc_per_node": nproc, "num_images": 3 * CLASSES, "block_size": 4}  # per point; IS needs 10
     return {
         "shard": {"image_size": IMAGE_SIZE, "shard_size": 8, "workers": 2},
         "fid_ref": {"batch_size": 16, "set_images": 16},
@@ -81,13 +82,24 @@ def shrunk_sizes(nproc: int, num_train: int) -> dict[str, Any]:
             "num_workers": 1,
         },
         "schedule": {"images_per_epoch": num_train},
-        "sweep": {**evaluation, "max_extra_steps": 1, "steps": 4},
+        "sweep": {**search, "max_extra_steps": 1, "steps": 4},
         "evaluate": {**evaluation, "steps": 4, "grid_per_class": 2, "recon_images": 8, "kid_subset_size": 8},
     }
 
 
+def fewer_wide_points(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The wider sweep's first point of each normalisation order: every path of the wide sweep at
+    a fraction of its points (each point generates and scores a whole image budget)."""
+    firsts: dict[str, dict[str, Any]] = {}
+    for point in points:
+        firsts.setdefault(point["norm_order"], point)
+    return list(firsts.values())
+
+
 def apply_sizes(params: dict[str, Any], sizes: dict[str, Any]) -> dict[str, Any]:
-    """Overwrite the size keys in params (train.model and train.schedule key by key)."""
+    """Overwrite the size keys in params (train.model and train.schedule key by key) and keep
+    fewer of the wider sweep's points."""
+    params["sweep"]["wide"] = fewer_wide_points(params["sweep"]["wide"])
     for section, values in sizes.items():
         if section == "schedule":
             schedule = params["train"]["schedule"]
@@ -204,11 +216,11 @@ def rehearse(preset: str, workdir: Path, nproc: int = 2, device: str = "auto") -
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     print(f"\nrehearsal: {preset} with sizes shrunk: {json.dumps(sizes)}", flush=True)
 
-    train_crops = crops(source / "train")
+    val_crops = crops(source / "val")  # any images serve: a third of train's Inception passes
     write_random_vgg16_trunk(cache / "torch" / "hub" / "checkpoints" / VGG16_FILE)
-    write_random_inception_weights(env["INCEPTION_WEIGHTS"], train_crops)
+    write_random_inception_weights(env["INCEPTION_WEIGHTS"], val_crops)
     if params["fid_ref"]["stats"] is not None:
-        write_jit_stats(repo / params["fid_ref"]["stats"], train_crops, Path(env["INCEPTION_WEIGHTS"]))
+        write_jit_stats(repo / params["fid_ref"]["stats"], val_crops, Path(env["INCEPTION_WEIGHTS"]))
 
     run(["dvc", "repro"], repo, env)
     return json.loads((repo / "metrics" / "eval.json").read_text())

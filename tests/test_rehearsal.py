@@ -52,7 +52,8 @@ def workspace_state(root: Path) -> dict[str, str]:
 def size_keys() -> set[str]:
     sizes = shrunk_sizes(2, 48)
     keys = {f"{section}.{key}" for section, values in sizes.items() for key in values}
-    return keys | {f"train.model.{key}" for key in sizes["train"]["model"]} | {"train.schedule.images_per_epoch"}
+    return (keys | {f"train.model.{key}" for key in sizes["train"]["model"]}
+            | {"train.schedule.images_per_epoch", "sweep.wide"})
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
@@ -108,7 +109,12 @@ def test_rehearsal_runs_every_stage_of_the_preset(preset: str, workspace: Path, 
     assert generation["weights"].startswith("NOT the official weights")
     assert reconstruction["lpips_weights"].startswith("NOT the official weights")
     sweep = json.loads((repo / "metrics" / "sweep.json").read_text())
-    assert len(sweep["points"]) >= 2 + 5  # search and the 5 wide points
+    # The wider sweep: the preset's first point of each normalisation order, after the search's points.
+    wide = [point for point in expected["sweep.wide"]
+            if point is next(p for p in expected["sweep.wide"] if p["norm_order"] == point["norm_order"])]
+    assert params["sweep.wide"] == wide and {p["norm_order"] for p in wide} == {"norm_first", "cfg_first"}
+    assert [(p["stage"], p["norm_order"], p["interval"]) for p in sweep["points"] if p["stage"] == "sweep"] == \
+        [("sweep", p["norm_order"], p["interval"]) for p in wide]
     searched = [point for point in sweep["points"] if point["stage"] != "sweep"]
     assert sweep["chosen"] == min(searched, key=lambda point: point["frechet_distance"])
 
