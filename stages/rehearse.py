@@ -81,7 +81,7 @@ def shrunk_sizes(nproc: int, num_train: int) -> dict[str, Any]:
             "num_workers": 1,
         },
         "schedule": {"images_per_epoch": num_train},
-        "sweep": {**evaluation, "max_extra_steps": 1, "steps": 4},
+        "sweep": {**evaluation, "max_extra_steps": 1, "steps": 4, "kid_subset_size": 8},
         "evaluate": {**evaluation, "steps": 4, "grid_per_class": 2, "recon_images": 8, "kid_subset_size": 8},
     }
 

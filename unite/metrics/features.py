@@ -189,3 +189,9 @@ def distance_name(feature_space: str) -> str:
 def kernel_key(feature_space: str) -> str:
     """The metric name of a kernel distance in a space: "kid" in Inception space only, "kd" elsewhere."""
     return "kid" if feature_space_kind(feature_space) == "inception" else "kd"
+
+
+def kernel_name(feature_space: str) -> str:
+    """What a report calls the kernel distance in a space: KID in Inception space only."""
+    kind = feature_space_kind(feature_space)
+    return "KID" if kind == "inception" else f"kernel distance in {kind} features"
