@@ -28,6 +28,7 @@ INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_FILE}"
 INCEPTION_WEIGHTS_ENV = "INCEPTION_WEIGHTS"
 INCEPTION_NAME = "inception-v3-compat"
+POOL_DIM = 2048  # the pool features that FID, KID and precision/recall use
 # The first 8 hex digits of the sha256 of the official weights files (torch hub's naming rule).
 INCEPTION_WEIGHTS_SHA256_PREFIX = "6726825d"
 # sFID's features (the ADM evaluator's "mixed_6/conv:0", whose weights torch-fidelity loads into
