@@ -25,8 +25,8 @@ import torch.distributed as dist
 
 from stages.launch import StageArguments, run_stage
 from stages.params import load_stage_params
-from unite.config import ConfigError
 from unite.cfg_search import adaptive_cfg_search, wide_sweep
+from unite.config import ConfigError
 from unite.distributed import close_runtime, init_runtime
 from unite.evaluation import (EvaluationProtocol, allow_tf32_matmul, feature_space, generate_and_score,
                               load_exported_model, search_score)
@@ -38,7 +38,8 @@ def arguments() -> StageArguments:
     """The paths dvc.yaml passes (`--help` lists them)."""
     parser = StageArguments("stages.sweep", __doc__)
     parser.add_input("--model", "file", "the exported EMA model (safetensors, with its .json config beside it)")
-    parser.add_input("--reference", "file", "the reference statistics (npz) that the images are scored against")
+    parser.add_input("--reference", "file", "the reference set (npz) the images are scored against: its statistics, "
+                                            "and its kept features for sweep.metric kernel_distance")
     parser.add_input("--shards", "folder", "the shard stage's output (the classifier feature space learns from train)")
     parser.add_output("--metrics", "file", "the chosen setting and every point (json)")
     parser.add_output("--table", "file", "one row per point (tsv)")

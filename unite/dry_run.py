@@ -170,8 +170,9 @@ def dry_run(cfg: TrainConfig, world_size: int, generation: Generation, *, gpu_me
     syncs = check_on_fake_cuda(cfg, recipe, generation)
     train = measure_training(cfg, recipe, world_size)
     gen = measure_generation(cfg, generation)
-    features = evaluation_feature_memory(generation.scored_images if generation.inception else 0,
-                                         generation.reference_features, generation.kid_subset_size)
+    # Inception's pool features (the presets' space); the demo's spaces have other widths
+    scored = (generation.scored_images, generation.reference_features) if generation.inception else (0, 0)
+    features = evaluation_feature_memory(*scored, generation.kid_subset_size)
     scoring_peak_gib = gen["resident_gib"] + features["device"] / GIB
 
     usable = gpu_memory_gib * (1 - headroom)
@@ -191,8 +192,8 @@ def dry_run(cfg: TrainConfig, world_size: int, generation: Generation, *, gpu_me
             "train_state_gib": round(train["state_gib"], 2),
             "generation_peak_gib": round(gen["peak_gib"], 2),
             "evaluation_features": {
-                "generated": generation.scored_images if generation.inception else 0,
-                "reference": generation.reference_features,
+                "generated": scored[0],
+                "reference": scored[1],
                 "host_gib": round(features["host"] / GIB, 3),
                 "device_gib": round(features["device"] / GIB, 3),
                 "scoring_peak_gib": round(scoring_peak_gib, 2),
