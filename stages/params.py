@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from unite.config import ConfigError
-from unite.options import (FEATURE_SPACES, NORM_ORDERS, PROTOCOLS, SHARD_STORES, SOLVERS, check_choice, check_interval,
-                           has_type)
+from unite.options import (FEATURE_SPACES, NORM_ORDERS, PROTOCOLS, SEARCH_METRICS, SHARD_STORES, SOLVERS, check_choice,
+                           check_interval, has_type)
 
 if TYPE_CHECKING:
     from unite.train_config import TrainConfig
@@ -31,7 +31,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
                 "set_images": int, "inception_weights": (str, None), "batch_size": int},
     "sweep": {"nproc_per_node": int, "num_images": int, "seed": int, "start_scale": float, "step": float,
               "max_extra_steps": int, "interval": list, "norm_order": str, "solver": str, "steps": int,
-              "block_size": int, "wide": list, "wide_changes_choice": bool},
+              "block_size": int, "wide": list, "wide_changes_choice": bool, "metric": str, "kid_subsets": int,
+              "kid_subset_size": int},
     "evaluate": {"nproc_per_node": int, "protocol": str, "num_images": int, "seed": int, "solver": str, "steps": int,
                  "block_size": int, "grid_per_class": int, "recon_images": int, "class_consistency": bool,
                  "lpips": bool, "kid_subsets": int, "kid_subset_size": int},
@@ -45,6 +46,7 @@ CHOICES = {
     ("fid_ref", "split"): ("train", "val"),
     ("sweep", "norm_order"): NORM_ORDERS,
     ("sweep", "solver"): SOLVERS,
+    ("sweep", "metric"): SEARCH_METRICS,
     ("evaluate", "protocol"): PROTOCOLS,
     ("evaluate", "solver"): SOLVERS,
 }
@@ -86,6 +88,18 @@ def _check_wide_point(key: str, point: Any) -> None:
         raise ConfigError(f"{key}={point!r}: must be a mapping with exactly the keys norm_order and interval")
     check_choice(f"{key}.norm_order", point["norm_order"], NORM_ORDERS, ConfigError)
     check_interval(f"{key}.interval", point["interval"], ConfigError)
+
+
+def _check_sweep_kid(sweep: dict[str, Any], evaluate: dict[str, Any]) -> None:
+    """KID subsets that the images the search scores can fill: the sweep's own, or evaluate's under
+    the reference protocol (unite.evaluation.EvaluationProtocol.search_images)."""
+    key = "evaluate.num_images" if evaluate["protocol"] == "reference" else "sweep.num_images"
+    count = evaluate["num_images"] if evaluate["protocol"] == "reference" else sweep["num_images"]
+    if sweep["kid_subsets"] < 1 or not 2 <= sweep["kid_subset_size"] <= count:
+        raise ConfigError(
+            f"sweep.kid_subsets={sweep['kid_subsets']}, sweep.kid_subset_size={sweep['kid_subset_size']} with "
+            f"sweep.metric=kernel_distance: need kid_subsets >= 1 and 2 <= kid_subset_size <= {key}={count} (the "
+            f"images each point is scored on); lower sweep.kid_subset_size")
 
 
 def train_config(section: dict[str, Any], out_dir: str, data: dict[str, Any]) -> "TrainConfig":
@@ -158,6 +172,8 @@ def validate(params: Any, sections: tuple[str, ...] | None = None) -> dict[str, 
         check_interval("sweep.interval", params["sweep"]["interval"], ConfigError)
         for number, point in enumerate(params["sweep"]["wide"]):
             _check_wide_point(f"sweep.wide[{number}]", point)
+        if params["sweep"]["metric"] == "kernel_distance":
+            _check_sweep_kid(params["sweep"], params["evaluate"])
     if "train" in sections:
         _check_train(params["train"], params["shard"]["image_size"] if "shard" in sections else None)
     return params

@@ -82,7 +82,7 @@ def shrunk_sizes(nproc: int, num_train: int) -> dict[str, Any]:
             "num_workers": 1,
         },
         "schedule": {"images_per_epoch": num_train},
-        "sweep": {**search, "max_extra_steps": 1, "steps": 4},
+        "sweep": {**search, "max_extra_steps": 1, "steps": 4, "kid_subset_size": 8},
         "evaluate": {**evaluation, "steps": 4, "grid_per_class": 2, "recon_images": 8, "kid_subset_size": 8},
     }
 
@@ -245,6 +245,9 @@ def true_size(preset: str, nproc: int | None, nnodes: int, gpu_memory_gib: float
         guidance=Guidance(sweep["start_scale"], tuple(sweep["interval"]), sweep["norm_order"]),
         lpips=evaluate["lpips"],
         inception=params["fid_ref"]["feature_space"] == "inception",
+        scored_images=evaluate["num_images"],
+        reference_features=params["fid_ref"]["set_images"],
+        kid_subset_size=evaluate["kid_subset_size"],
     )
     report = dry_run(cfg, nproc * nnodes, generation, gpu_memory_gib=gpu_memory_gib)
     return {"preset": preset, "nnodes": nnodes, "nproc_per_node": nproc, **report}
@@ -253,6 +256,7 @@ def true_size(preset: str, nproc: int | None, nnodes: int, gpu_memory_gib: float
 def summary(report: dict[str, Any]) -> str:
     """The dry run's report in a few lines."""
     recipe, memory, flops, speed = report["recipe"], report["memory"], report["flops"], report["throughput"]
+    features = memory["evaluation_features"]
     fits = "fits" if memory["fits"] else "DOES NOT FIT"
     return "\n".join([
         f"dry run: {report['preset']} on {report['nnodes']} x {report['nproc_per_node']} GPUs: every stage's code "
@@ -264,6 +268,10 @@ def summary(report: dict[str, Any]) -> str:
         f"  memory per GPU: training {memory['train_peak_gib']} GiB, generation {memory['generation_peak_gib']} GiB: "
         f"{fits} {memory['gpu_memory_gib']} GiB with {memory['headroom']:.0%} headroom (largest batch per GPU "
         f"{memory['max_per_device_batch']})",
+        f"  KID and precision/recall on the evaluating rank: features of {features['generated']} generated and "
+        f"{features['reference']} reference images, {features['host_gib']} GiB host memory (float32 kept, KID's "
+        f"float64 copies), {features['device_gib']} GiB on its GPU (float64 copies, distance blocks): scoring peak "
+        f"{features['scoring_peak_gib']} GiB with the networks",
         f"  FLOPs: training {flops['train_per_image'] / 1e12:.3f} TFLOP per image, generation "
         f"{flops['generation_per_image_per_nfe'] / 1e9:.1f} GFLOP per image per function evaluation",
         f"  at {speed['assumed_mfu']:.0%} of {speed['peak_bf16_tflops']} TFLOP/s: {speed['step_s']} s per step, "

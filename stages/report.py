@@ -11,8 +11,7 @@ from PIL import Image
 
 from stages.launch import StageArguments, run_stage
 from stages.params import load_stage_params
-from unite.evaluation import load_exported_model, reconstruct
-from unite.metrics.features import distance_name
+from unite.evaluation import load_exported_model, reconstruct, search_metric_name
 from unite.provenance import device_name, git_state, package_versions, params_hash
 from unite.report import (cfg_figure, curve_figure, enlarged, history_table, quality_table, read_table,
                           reconstruction_grid, render_report)
@@ -22,7 +21,7 @@ FIGURES = {
     "Training losses": "loss.png",
     "Learning rate": "lr.png",
     "Gradient norm": "grad_norm.png",
-    "{distance} vs CFG scale": "cfg.png",  # FID, or the Frechet distance in the run's feature space
+    "{metric} vs CFG scale": "cfg.png",  # the search's metric: FID or KID, or their kin in the run's feature space
     "Samples (a row per class)": "samples.png",
     "Validation originals above their reconstructions": "reconstructions.png",
 }
@@ -49,15 +48,15 @@ def main(argv: list[str] | None = None) -> None:
     args = arguments().parse(argv)
     params = load_stage_params("report")
     evaluation = json.loads(args.eval.read_text())
-    distance = distance_name(evaluation["generation"]["feature_space"])
-    figures = {title.format(distance=distance): args.figures / name for title, name in FIGURES.items()}
+    sweep = json.loads(args.sweep.read_text())
+    metric = search_metric_name(sweep["metric"], evaluation["generation"]["feature_space"])
+    figures = {title.format(metric=metric): args.figures / name for title, name in FIGURES.items()}
     curve_figure(args.train_table, {"loss": "total", "recon": "reconstruction", "flow": "flow"},
                  figures["Training losses"], "Training losses", "loss", log=True)
     curve_figure(args.train_table, {"lr": "learning rate"}, figures["Learning rate"], "Learning rate", "lr")
     curve_figure(args.train_table, {"grad_norm": "before clipping"}, figures["Gradient norm"], "Gradient norm",
                  "grad norm", log=True)
-    sweep = json.loads(args.sweep.read_text())
-    cfg_figure(args.sweep_table, sweep["metric"], sweep["chosen"], figures[f"{distance} vs CFG scale"], distance)
+    cfg_figure(args.sweep_table, sweep["metric"], sweep["chosen"], figures[f"{metric} vs CFG scale"], metric)
     enlarged(Image.open(args.samples / "grid.png").convert("RGB")).save(figures["Samples (a row per class)"])
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -16,7 +16,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
 
 from conftest import small_config
-from stages.preset import load_preset
+from stages.preset import load_preset, preset_params
 from unite.dry_run import DryRunFailed, Generation, LiveMemory, dry_run, measure_generation
 from unite.model import UNITE, PixelDecoder
 from unite.sampling import Guidance
@@ -66,6 +66,20 @@ def test_every_preset_dry_runs_at_true_size_on_8_gpus(preset: str) -> None:
     assert max(memory["train_peak_gib"], memory["generation_peak_gib"]) <= 141 * 0.9
     assert memory["max_per_device_batch"] >= recipe["per_device_batch"]
     assert report["host_syncs_per_step"] == 0, report["host_syncs_by_op"]
+
+    # KID and precision/recall on the evaluating rank: both feature sets (Inception's 2048 pool
+    # features) kept in float32 plus KID's float64 host copies; on the GPU float64 copies of both and
+    # the larger of KID's working set (2 subsets, 5 kernel matrices) and precision/recall's (cdist's
+    # float64 copy of the larger set padded by 2 columns, a 256-row block of distances to it).
+    params = preset_params(preset, ROOT / "params.yaml", ROOT / "presets")
+    n, m, s, d = (params["evaluate"]["num_images"], params["fid_ref"]["set_images"],
+                  params["evaluate"]["kid_subset_size"], 2048)
+    host = (n + m) * d * 4 + (n + m) * d * 8
+    device = (n + m) * d * 8 + max(2 * s * d * 8 + 5 * s * s * 8, max(n, m) * (d + 2) * 8 + 256 * max(n, m) * 8)
+    features = memory["evaluation_features"]
+    assert (features["generated"], features["reference"]) == (n, m) == (50_000, 10_000)
+    assert (features["host_gib"], features["device_gib"]) == (round(host / 2**30, 3), round(device / 2**30, 3))
+    assert features["device_gib"] < features["scoring_peak_gib"] <= 141 * 0.9
 
 
 def test_a_gpu_count_that_cannot_split_the_batch_is_refused_in_one_line() -> None:

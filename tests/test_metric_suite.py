@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
 import yaml
 from PIL import Image
@@ -19,9 +20,11 @@ from stages import fid_ref as fid_ref_stage
 from unite.config import ConfigError
 from unite.data.manifest import write_manifest
 from unite.data.shards import write_shards
-from unite.evaluation import real_batches
+from unite.cfg_search import adaptive_cfg_search
+from unite.evaluation import real_batches, search_score
 from unite.metrics.features import INCEPTION_NAME, SPATIAL_DIM, PixelFeatures
-from unite.metrics.fid import GaussianStats, ReferenceSet, adm_batch_images, load_reference
+from unite.metrics.fid import (GaussianStats, ReferenceSet, adm_batch_images, compute_reference_set, evaluate_images,
+                               load_reference)
 from unite.metrics.inputs import MetricsInputError
 from unite.metrics.kid import KID_SEED, KID_SUBSET_SIZE, KID_SUBSETS, kernel_distance
 from unite.metrics.precision_recall import precision_recall
@@ -54,6 +57,49 @@ def test_kid_equals_torch_fidelity_and_a_shift_raises_it():
     assert shifted == (pytest.approx(theirs[0], rel=1e-6), pytest.approx(theirs[1], rel=1e-6))
     # One distribution: the unbiased estimate is centred on 0; a shift of the mean makes it positive.
     assert shifted[0] > 10 * abs(ours[0])
+
+
+def one_pixel_images(rng: np.random.Generator, mean: float, std: float, count: int) -> torch.Tensor:
+    """uint8 (count, 3, 1, 1) images: in PixelFeatures(1) their features are the pixels / 255."""
+    pixels = np.clip(np.round(rng.normal(mean, std, (count, 3, 1, 1)) * 255), 0, 255)
+    return torch.from_numpy(pixels.astype(np.uint8))
+
+
+def test_the_search_by_kernel_distance_takes_the_kid_minimum_where_fid_disagrees():
+    """At the start scale the images are shifted (FID small, KID large: KID weighs the mean more), one
+    step below they are narrow (FID large: the covariance is far off, KID small); one step further
+    either way, shifted far (worst for both). FID would keep the start scale and try the one above;
+    KID walks down and keeps the narrow images."""
+    rng = np.random.default_rng(0)
+    reference_images = one_pixel_images(rng, 0.4, 0.1, 400)
+    far = one_pixel_images(rng, 0.55, 0.1, 200)
+    images = {2.0: one_pixel_images(rng, 0.45, 0.1, 200), 1.5: one_pixel_images(rng, 0.4, 0.02, 200),
+              1.0: far, 2.5: far}
+    space, kid = PixelFeatures(1), dict(kid_subsets=20, kid_subset_size=100)
+    reference = compute_reference_set(reference_images.split(64), space, set_images=400, progress=False)
+
+    def evaluate(scale, interval, norm_order):
+        scores = evaluate_images(images[scale].split(64), reference, space, is_splits=0, **kid,
+                                 with_precision_recall=False, progress=False)
+        return search_score(scores, "kernel_distance")
+
+    result = adaptive_cfg_search(evaluate, start=2.0, step=0.5, max_extra_steps=1, metric="kernel_distance")
+
+    def features(batch: torch.Tensor) -> np.ndarray:  # as the reference set keeps them: float32
+        return (batch.flatten(1).numpy() / 255).astype(np.float32).astype(np.float64)
+
+    def fid(batch: torch.Tensor) -> float:
+        a, b = features(batch), features(reference_images)
+        s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+        root = scipy.linalg.sqrtm(s1 @ s2).real
+        return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s1 + s2 - 2 * root))
+
+    visited = [point.scale for point in result.points]
+    theirs = {scale: theirs_kid(features(images[scale]), features(reference_images), **kid)[0] for scale in visited}
+    assert [point.value for point in result.points] == pytest.approx([theirs[scale] for scale in visited], rel=1e-6)
+    assert result.chosen.scale == min(theirs, key=theirs.get) == 1.5
+    fids = {scale: fid(images[scale]) for scale in visited}
+    assert min(fids, key=fids.get) == 2.0  # the case is one where the two metrics disagree
 
 
 def test_kid_subset_size_beyond_the_features_is_named():

@@ -53,6 +53,8 @@ def test_the_committed_params_are_valid():
         (("sweep", "wide"), [{"norm_order": "cfg_first", "interval": [0.2, 0.1]}],
          "sweep.wide[0].interval=[0.2, 0.1]: must be [low, high] with 0 <= low < high <= 1"),
         (("sweep", "wide_changes_choice"), "no", "sweep.wide_changes_choice='no': must be bool"),
+        (("sweep", "metric"), "kid",
+         "sweep.metric='kid': must be one of ['frechet_distance', 'kernel_distance']"),
         (("demo_data",), None, "demo_data: expected a mapping"),
         # A random VGG16 trunk is for tests (set in TrainConfig): no metric would record it.
         (("train", "model", "lpips_random_backbone"), True,
@@ -72,6 +74,25 @@ def test_bad_params_name_the_key(params, path, value, text):
     with pytest.raises(ConfigError) as error:
         validate(bad)
     assert text in str(error.value)
+
+
+@pytest.mark.parametrize("protocol, images", [("separate", "sweep.num_images=200"),
+                                              ("reference", "evaluate.num_images=150")])
+def test_kid_subsets_of_the_sweep_fit_the_images_it_searches(params, protocol, images):
+    """Only a search by KID needs them; the images are the sweep's own, or evaluate's under the
+    reference protocol."""
+    params["sweep"].update(num_images=200, kid_subset_size=180)
+    params["evaluate"].update(protocol=protocol, num_images=150, kid_subset_size=100)
+    fits = protocol == "separate"
+    validate(params)  # frechet_distance: the KID keys are not used
+    params["sweep"]["metric"] = "kernel_distance"
+    if fits:
+        validate(params)
+        params["sweep"]["kid_subset_size"] = 201
+    with pytest.raises(ConfigError) as error:
+        validate(params)
+    assert (f"sweep.kid_subset_size={params['sweep']['kid_subset_size']} with sweep.metric=kernel_distance: need "
+            f"kid_subsets >= 1 and 2 <= kid_subset_size <= {images}") in str(error.value)
 
 
 def test_model_and_shard_sizes_must_agree(params):

@@ -236,7 +236,7 @@ def test_plots_and_the_report_render_offline(repo, tmp_path):
     repo.run("dvc", "plots", "show", "-o", str(tmp_path / "show"))
     check(tmp_path / "show" / "index.html", ["workspace"])
     # The sweep's plots name the distance TINY's pixel feature space gives: not FID.
-    assert "Frechet distance in pixel features vs CFG scale" in (tmp_path / "show" / "index.html").read_text()
+    assert "frechet_distance in pixel features vs CFG scale" in (tmp_path / "show" / "index.html").read_text()
     assert "Frechet distance in pixel features vs CFG scale" in (repo.path / "reports" / "report.html").read_text()
     repo.run("git", "config", "user.name", "test")  # experiments are commits
     repo.run("git", "config", "user.email", "test@example.com")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import configparser
 import io
+import json
 import subprocess
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from PIL import Image
 from offline_page import PageReferences, network_urls
 from stages import plots_page
 from unite.cfg_search import CfgPoint, CfgResult
+from unite.evaluation import search_metric_name
 from unite.provenance import git_state, params_hash
 import unite.report
 from unite.report import (cfg_figure, cfg_series, curve_figure, enlarged, quality_table, read_table, reconstruction_grid,
@@ -91,6 +93,23 @@ def test_cfg_series_splits_the_sweep_by_interval_and_norm_order(tmp_path, monkey
     axes = saved[0].axes[0]  # the metric is named, whatever the series are called
     assert axes.get_title() == "Frechet distance in pixel features vs CFG scale"
     assert axes.get_ylabel() == "Frechet distance in pixel features"
+
+
+@pytest.mark.parametrize("space, name", [("pixel-8x8", "kernel distance in pixel features"),
+                                         ("inception-v3-compat", "KID")])
+def test_the_cfg_figure_of_a_search_by_kid_draws_and_names_kid(tmp_path, monkeypatch, space, name):
+    points = [CfgPoint(2.0, (0.1, 1.0), "norm_first", 0.03, "search"),
+              CfgPoint(1.5, (0.1, 1.0), "norm_first", 0.01, "search")]
+    CfgResult(points[1], points, "kernel_distance").write(tmp_path / "sweep.json", tmp_path / "sweep.tsv")
+    sweep = json.loads((tmp_path / "sweep.json").read_text())
+    saved, original_save = [], unite.report._save
+    monkeypatch.setattr(unite.report, "_save", lambda figure, path: saved.append(figure) or original_save(figure, path))
+    metric = search_metric_name(sweep["metric"], space)  # as the report stage names it
+    cfg_figure(tmp_path / "sweep.tsv", sweep["metric"], sweep["chosen"], tmp_path / "cfg.png", metric)
+    axes = saved[0].axes[0]
+    assert (axes.get_title(), axes.get_ylabel()) == (f"{name} vs CFG scale", name)
+    assert axes.lines[0].get_xydata().tolist() == [[1.5, 0.01], [2.0, 0.03]]
+    assert axes.collections[0].get_offsets().tolist() == [[1.5, 0.01]]  # the chosen point, circled
 
 
 def test_a_missing_column_is_named_with_the_columns_there_are(tmp_path):

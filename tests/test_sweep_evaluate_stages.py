@@ -1,6 +1,7 @@
 """The sweep and evaluate stages run in a prepared workspace (an export, shards, reference
 statistics, params.yaml): what each evaluation protocol changes (the images the CFG search scores,
-the generation blocks, the Inception Score's splits, TF32), the wide points, the sample grid."""
+the generation blocks, the Inception Score's splits, TF32), the wide points, the sample grid, the
+search by KID."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 import yaml
 from PIL import Image
 from safetensors.torch import save_file
+from torch_fidelity.metric_kid import kid_features_to_metric
 
 from conftest import perturb_, small_config
 from stages import evaluate as evaluate_stage
@@ -23,7 +25,7 @@ from unite.data.shards import write_shards
 from unite.demo_data import write_demo_folder
 from unite.data.readers import iter_shard_images
 from unite.metrics.features import PixelFeatures
-from unite.metrics.fid import compute_reference_stats
+from unite.metrics.fid import compute_reference_set, compute_reference_stats
 from unite.model import UNITE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,3 +150,43 @@ def test_the_separate_protocol_has_its_own_images_and_reports_wide_points(prepar
     # Class 3's second sample is image 13 (labels are tiled over the 10 classes).
     cell = grid[3 * 66 + 1 : 3 * 66 + 65, 66 + 1 : 66 + 65]
     assert np.array_equal(cell, np.kron(images[13], np.ones((4, 4, 1), dtype=np.uint8)))
+
+
+def test_the_sweep_by_kid_chooses_the_kid_minimum_of_the_images_it_scored(prepared, tmp_path, monkeypatch):
+    """sweep.metric: kernel_distance against a reference set with kept features: each point's value is
+    torch-fidelity's KID of that point's images (kept here by a consumer), and the choice its minimum."""
+    workspace(prepared, tmp_path, monkeypatch, "separate")
+    (tmp_path / "data").unlink()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "shards").symlink_to(prepared / "data" / "shards")
+    shards = sorted((prepared / "data" / "shards" / "train").glob("*.tar"))
+    space = PixelFeatures(8)
+    reference = compute_reference_set(iter_shard_images(shards), space, set_images=50, progress=False)
+    reference.save("data/fid_ref.npz")
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["sweep"].update(metric="kernel_distance", kid_subsets=5, kid_subset_size=15)
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    images = []
+    real = sweep_stage.generate_and_score
+
+    def kept(*args, **kwargs):
+        images.append([])
+        return real(*args, consumers=[lambda indices, labels, block: images[-1].append(block)], **kwargs)
+
+    monkeypatch.setattr(sweep_stage, "generate_and_score", kept)
+    sweep_stage.main(stage_options("sweep"))
+
+    sweep = json.loads(Path("metrics/sweep.json").read_text())
+    assert sweep["metric"] == "kernel_distance" and (sweep["kid_subsets"], sweep["kid_subset_size"]) == (5, 15)
+    assert len(sweep["points"]) == len(images) >= 3
+    for point, blocks in zip(sweep["points"], images):
+        generated = space(torch.cat(blocks).permute(0, 3, 1, 2))[0].numpy().astype(np.float32)
+        theirs = kid_features_to_metric(torch.from_numpy(generated).double(),
+                                        torch.from_numpy(reference.features).double(), kid_subsets=5,
+                                        kid_subset_size=15, verbose=False)["kernel_inception_distance_mean"]
+        assert point["kernel_distance"] == pytest.approx(theirs, rel=1e-6)
+    searched = [point for point in sweep["points"] if point["stage"] == "search"]
+    assert sweep["chosen"] == min(searched, key=lambda point: point["kernel_distance"])
+    rows = [row.split("\t") for row in Path("metrics/sweep.tsv").read_text().splitlines()]
+    assert rows[0][-1] == "kernel_distance"
+    assert [float(row[-1]) for row in rows[1:]] == [point["kernel_distance"] for point in sweep["points"]]

@@ -28,7 +28,7 @@ TSV_COLUMNS = ("index", "stage", "cfg_scale", "interval_low", "interval_high", "
 
 @dataclass(frozen=True)
 class CfgPoint:
-    """One evaluated setting; `value` is the metric (FID, or the demo's FD)."""
+    """One evaluated setting; `value` is the metric (FID or KID, or the demo's FD or KD)."""
 
     scale: float
     interval: Interval

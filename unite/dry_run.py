@@ -26,6 +26,11 @@ two passes over the project's own code:
 
 The peak counts tensors only: the CUDA context, NCCL's buffers and the caching allocator's
 fragmentation are not in it, which is what the headroom (10% by default) is for.
+
+KID and precision/recall need every generated image's features and the reference set's, which
+the evaluating rank holds at the end of evaluate; their memory is a closed form of what
+`unite.metrics.kid` and `unite.metrics.precision_recall` allocate (`evaluation_feature_memory`),
+added to the generation pass's resident networks for the scoring peak.
 """
 
 from __future__ import annotations
@@ -53,6 +58,9 @@ from unite.checkpoint import exported_tensors
 from unite.distributed import Runtime
 from unite.generate import generate
 from unite.host_syncs import HostSyncCounter
+from unite.metrics.features import POOL_DIM
+from unite.metrics.kid import KID_SUBSET_SIZE
+from unite.metrics.precision_recall import BLOCK_ROWS
 from unite.model import UNITE
 from unite.sampling import Guidance, sample_latents
 from unite.train_config import Recipe, TrainConfig, recipe_for
@@ -88,6 +96,28 @@ class Generation:
     guidance: Guidance
     lpips: bool  # evaluate computes LPIPS of reconstructions
     inception: bool  # images are scored in Inception's feature space
+    scored_images: int = 0  # generated images whose features KID and precision/recall keep (evaluate.num_images)
+    reference_features: int = 0  # the reference set's kept features (fid_ref.set_images; 0: no KID, no P/R)
+    kid_subset_size: int = KID_SUBSET_SIZE
+
+
+def evaluation_feature_memory(generated: int, reference: int, kid_subset_size: int,
+                              dim: int = POOL_DIM) -> dict[str, int]:
+    """Bytes that KID and precision/recall take on the evaluating rank (none without reference
+    features), from what their code allocates:
+    host: both sets' features kept as float32 (`extract`, the reference npz), and KID's float64
+      numpy copies of both;
+    device: the float64 copies of both sets that KID and then precision/recall move to the scoring
+      device, plus the larger working set: KID's two subsets and five subset_size^2 kernel
+      matrices (three kept, two temporaries of the cube), or precision/recall's block of
+      distances to the larger set and the float64 copy of that set, padded by two columns, that
+      torch.cdist makes for its matrix product."""
+    if not generated or not reference:
+        return {"host": 0, "device": 0}
+    rows, larger, subset = generated + reference, max(generated, reference), kid_subset_size
+    kid = 2 * subset * dim * 8 + 5 * subset * subset * 8
+    precision_recall = larger * (dim + 2) * 8 + BLOCK_ROWS * larger * 8
+    return {"host": rows * dim * 4 + rows * dim * 8, "device": rows * dim * 8 + max(kid, precision_recall)}
 
 
 class LiveMemory(TorchDispatchMode):
@@ -140,6 +170,10 @@ def dry_run(cfg: TrainConfig, world_size: int, generation: Generation, *, gpu_me
     syncs = check_on_fake_cuda(cfg, recipe, generation)
     train = measure_training(cfg, recipe, world_size)
     gen = measure_generation(cfg, generation)
+    # Inception's pool features (the presets' space); the demo's spaces have other widths
+    scored = (generation.scored_images, generation.reference_features) if generation.inception else (0, 0)
+    features = evaluation_feature_memory(*scored, generation.kid_subset_size)
+    scoring_peak_gib = gen["resident_gib"] + features["device"] / GIB
 
     usable = gpu_memory_gib * (1 - headroom)
     per_image = (train["peak_gib"] - train["state_gib"]) / recipe.per_device_batch
@@ -157,10 +191,17 @@ def dry_run(cfg: TrainConfig, world_size: int, generation: Generation, *, gpu_me
             "train_peak_gib": round(train["peak_gib"], 2),
             "train_state_gib": round(train["state_gib"], 2),
             "generation_peak_gib": round(gen["peak_gib"], 2),
+            "evaluation_features": {
+                "generated": scored[0],
+                "reference": scored[1],
+                "host_gib": round(features["host"] / GIB, 3),
+                "device_gib": round(features["device"] / GIB, 3),
+                "scoring_peak_gib": round(scoring_peak_gib, 2),
+            },
             "gpu_memory_gib": gpu_memory_gib,
             "headroom": headroom,
             "max_per_device_batch": max(0, math.floor((usable - train["state_gib"]) / per_image)),
-            "fits": max(train["peak_gib"], gen["peak_gib"]) <= usable,
+            "fits": max(train["peak_gib"], gen["peak_gib"], scoring_peak_gib) <= usable,
         },
         "flops": {
             "train_per_image": train["flops_per_image"],  # the optimizer's share of a step included
@@ -300,6 +341,7 @@ def measure_generation(cfg: TrainConfig, generation: Generation) -> dict[str, fl
                 from unite.perceptual import build_lpips
 
                 build_lpips(random_backbone=True)
+            resident = memory.current  # the networks evaluate keeps while it scores the features
             noise = torch.randn(generation.block_size, cfg.model.num_latent_tokens, cfg.model.latent_dim)
             labels = torch.arange(generation.block_size) % cfg.model.num_classes
             with FlopCounterMode(display=False) as flops:
@@ -307,7 +349,7 @@ def measure_generation(cfg: TrainConfig, generation: Generation) -> dict[str, fl
             images = model.decode(latents).clamp(0, 1)
             if generation.inception:
                 features((images * 255).to(torch.uint8))
-        return {"peak_gib": memory.peak / GIB,
+        return {"peak_gib": memory.peak / GIB, "resident_gib": resident / GIB,
                 "flops_per_image_per_nfe": flops.get_total_flops() / (nfe * generation.block_size)}
 
 

@@ -14,11 +14,12 @@ from unite.checkpoint import load_exported
 from unite.data.loaders import shard_loader
 from unite.distributed import Runtime
 from unite.generate import generate_in_order
-from unite.metrics.features import FeatureSpace, build_feature_space
+from unite.metrics.features import (FeatureSpace, build_feature_space, distance_key, distance_name, kernel_key,
+                                    kernel_name)
 from unite.metrics.fid import GaussianStats, ReferenceSet, evaluate_images
 from unite.metrics.kid import KID_SUBSET_SIZE, KID_SUBSETS
 from unite.model import UNITE
-from unite.options import PROTOCOLS, check_choice
+from unite.options import PROTOCOLS, SEARCH_METRICS, check_choice
 from unite.sampling import Guidance
 
 REFERENCE_BLOCK_SIZE = 16  # the reference's eval_batch_size (configs/imagenet.yaml)
@@ -123,6 +124,7 @@ def generate_and_score(
     is_split_order: str = "shuffled",
     kid_subsets: int = KID_SUBSETS,
     kid_subset_size: int = KID_SUBSET_SIZE,
+    with_precision_recall: bool = True,
 ) -> dict | None:
     """Generate class-balanced images (on every rank of `runtime`) and score them against the
     reference statistics on the main process, which alone needs `space` and `reference`.
@@ -132,8 +134,9 @@ def generate_and_score(
     class-consistency count) before dropping it, so memory stays flat in `num_images` and the
     scores do not depend on the number of ranks. The Inception Score's splits are cut as
     `is_split_order` (unite.metrics.fid.IS_SPLIT_ORDERS). A ReferenceSet with features adds KID
-    (`kid_subsets` of `kid_subset_size`) and precision/recall, for which the main process keeps the
-    generated features. Returns the scores on the main process, None elsewhere."""
+    (`kid_subsets` of `kid_subset_size`) and precision/recall (unless not `with_precision_recall`),
+    for which the main process keeps the generated features. Returns the scores on the main
+    process, None elsewhere."""
     runtime = runtime or Runtime(0, 1, next(model.parameters()).device)
     blocks = generate_in_order(model, num_images, guidance, runtime, seed=seed, block_size=block_size,
                                solver=solver, steps=steps)
@@ -149,8 +152,22 @@ def generate_and_score(
             yield images.permute(0, 3, 1, 2)
 
     return evaluate_images(scored_batches(), reference, space, total=num_images, is_split_order=is_split_order,
-                           kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, device=runtime.device,
-                           progress=False)
+                           kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
+                           with_precision_recall=with_precision_recall, device=runtime.device, progress=False)
+
+
+def search_score(scores: dict, metric: str) -> float:
+    """The value of `metric` (one of SEARCH_METRICS) in the scores of `evaluate_images`: the
+    Frechet distance, or the kernel distance's mean over its subsets."""
+    check_choice("sweep.metric", metric, SEARCH_METRICS)
+    space = scores["feature_space"]
+    return scores[distance_key(space) if metric == "frechet_distance" else f"{kernel_key(space)}_mean"]
+
+
+def search_metric_name(metric: str, feature_space: str) -> str:
+    """What a report calls the search's metric in a space: FID or KID in Inception space."""
+    check_choice("sweep.metric", metric, SEARCH_METRICS)
+    return (distance_name if metric == "frechet_distance" else kernel_name)(feature_space)
 
 
 def reconstruct(

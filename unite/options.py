@@ -5,6 +5,9 @@ SOLVERS = ("dopri5", "heun", "euler")  # probability-flow ODE solvers (dopri5 is
 NORM_ORDERS = ("norm_first", "cfg_first", "both")  # where guidance applies the latent LayerNorm
 SHARD_STORES = ("png", "npy", "source")  # lossless crop, its raw pixels, the untouched source bytes
 PROTOCOLS = ("separate", "reference")  # evaluation protocols (unite.evaluation.EvaluationProtocol)
+# What the CFG search minimises: the Frechet distance (FID in Inception space) or the kernel distance
+# (KID in Inception space, torch-fidelity's: the mean over random subsets of the features)
+SEARCH_METRICS = ("frechet_distance", "kernel_distance")
 
 
 def has_type(value: object, expected: type | None | tuple) -> bool:

@@ -28,6 +28,7 @@ INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_FILE}"
 INCEPTION_WEIGHTS_ENV = "INCEPTION_WEIGHTS"
 INCEPTION_NAME = "inception-v3-compat"
+POOL_DIM = 2048  # the pool features that FID, KID and precision/recall use
 # The first 8 hex digits of the sha256 of the official weights files (torch hub's naming rule).
 INCEPTION_WEIGHTS_SHA256_PREFIX = "6726825d"
 # sFID's features (the ADM evaluator's "mixed_6/conv:0", whose weights torch-fidelity loads into
@@ -189,3 +190,9 @@ def distance_name(feature_space: str) -> str:
 def kernel_key(feature_space: str) -> str:
     """The metric name of a kernel distance in a space: "kid" in Inception space only, "kd" elsewhere."""
     return "kid" if feature_space_kind(feature_space) == "inception" else "kd"
+
+
+def kernel_name(feature_space: str) -> str:
+    """What a report calls the kernel distance in a space: KID in Inception space only."""
+    kind = feature_space_kind(feature_space)
+    return "KID" if kind == "inception" else f"kernel distance in {kind} features"

@@ -406,14 +406,16 @@ def evaluate_images(
     is_split_order: str = "shuffled",
     kid_subsets: int = KID_SUBSETS,
     kid_subset_size: int = KID_SUBSET_SIZE,
+    with_precision_recall: bool = True,
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> dict[str, float | int | str]:
     """Scores of generated uint8 batches against a reference, from one pass over the images:
     FID (FD outside Inception space), IS (splits cut as `is_split_order`) where the space has
     logits; with a ReferenceSet also sFID (or why there is none), and, where it holds features, KID
-    (KD outside Inception space; `kid_subsets` subsets of `kid_subset_size`) and precision/recall
-    (k = 3, distances on `device`). The generated features are kept only for the latter."""
+    (KD outside Inception space; `kid_subsets` subsets of `kid_subset_size`) and, unless not
+    `with_precision_recall`, precision/recall (k = 3, distances on `device`). The generated
+    features are kept only for the latter two."""
     if isinstance(reference, GaussianStats):
         reference = ReferenceSet(reference)
     suite = reference.features is not None
@@ -435,8 +437,9 @@ def evaluate_images(
         kernel = kernel_key(space.name)
         result[f"{kernel}_mean"], result[f"{kernel}_std"] = kernel_distance(
             extraction.features, reference.features, kid_subsets, kid_subset_size, device=device)
-        result["precision"], result["recall"] = precision_recall(extraction.features, reference.features,
-                                                                 device=device)
+        if with_precision_recall:
+            result["precision"], result["recall"] = precision_recall(extraction.features, reference.features,
+                                                                     device=device)
     if hasattr(space, "weights_check"):
         result["weights"] = space.weights_check
     if extraction.inception_score is not None:
