@@ -103,10 +103,26 @@ def stream_reference() -> GaussianStats:
     return compute_reference_stats(images.split(16), PixelFeatures(8), progress=False)
 
 
+def sample_shards(root: Path, val: Path) -> Path:
+    """Shards whose train split is the stream model's samples, each under the class it was
+    generated for: a judge trained on them tells the samples' classes apart, where one trained on
+    the digits gives every sample of this untrained model the same class and so scores any
+    pairing of labels and images alike."""
+    for indices, labels, images in generate(stream_model(), guidance=GUIDANCE, progress=False, **STREAM):
+        for index, label, image in zip(indices, labels.tolist(), images.numpy()):
+            (root / "raw" / str(label)).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(root / "raw" / str(label) / f"{index}.png")
+    write_manifest(root / "raw", root / "train.tsv", progress=False)
+    write_shards(root / "raw", root / "train.tsv", root / "shards" / "train", image_size=32, shard_size=500,
+                 workers=1, progress=False)
+    (root / "shards" / "val").symlink_to(val)
+    return root / "shards"
+
+
 @pytest.fixture(scope="module")
 def stage_workspace(shards, tmp_path_factory) -> Path:
     """What the evaluate stage reads: params.yaml (pixel features), an export of the model, the
-    sweep's choice, reference statistics, and the shards."""
+    sweep's choice, reference statistics, and the shards (sample_shards)."""
     root = tmp_path_factory.mktemp("stage")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["fid_ref"]["feature_space"] = "pixel"
@@ -120,7 +136,7 @@ def stage_workspace(shards, tmp_path_factory) -> Path:
     chosen = {"scale": GUIDANCE.scale, "interval": list(GUIDANCE.interval), "norm_order": GUIDANCE.norm_order}
     (root / "sweep.json").write_text(json.dumps({"chosen": chosen}))
     stream_reference().save(root / "reference.npz")
-    (root / "shards").symlink_to(shards)
+    (root / "shards").symlink_to(sample_shards(tmp_path_factory.mktemp("sample-shards"), shards / "val"))
     return root
 
 
@@ -171,6 +187,7 @@ def gathered(workspace: Path, npz: Path) -> tuple[dict, float, np.ndarray]:
     np.savez(npz, images.numpy())
     judge = PixelClassifier(*load_split(workspace / "shards" / "train"))
     consistency = class_consistency(judge, images.permute(0, 3, 1, 2), labels)
+    assert consistency != class_consistency(judge, images.permute(0, 3, 1, 2), labels.roll(1))  # sees the pairing
     grid = sample_grid(images.numpy(), labels.numpy(), 10, 1, scale=GRID_SCALE)
     return scores, consistency, np.asarray(grid)
 
