@@ -387,7 +387,8 @@ def pipeline(
     name = None
     cancelled = CancelCheck()
     try:
-        plan = plan_stages.with_options(**options)(root, target, kill_grace_s, check_changed=True)
+        # What is out of date only matters for the training slot, which a Slurm run does not take.
+        plan = plan_stages.with_options(**options)(root, target, kill_grace_s, check_changed=slurm is None)
         slot = train_limit or TRAIN_LIMIT.format(host=socket.gethostname())
         trains_here = slurm is None and may_train(plan, params or {})
         with training_slot(slot, cancelled) if trains_here else nullcontext():

@@ -110,7 +110,7 @@ status=0
 wait "$dvc_pid" || status=$?
 if [ "$status" -ne 0 ] && [ "$time_up" = 1 ]; then
     # The requeue would kill a step still writing its checkpoint: wait for every step to end.
-    while squeue -h -s -j "$SLURM_JOB_ID" -o %i | grep -qv -e '\.batch$' -e '\.extern$'; do sleep 1; done
+    while squeue -h -s -j "$SLURM_JOB_ID" -o %i | grep -qv -e '\\.batch$' -e '\\.extern$'; do sleep 1; done
     if [ "$restarts" -lt {max_requeues} ]; then
         echo "unite: requeue $((restarts + 1)) of at most {max_requeues} (slurm.max_requeues): the next run resumes"
         scontrol requeue "$SLURM_JOB_ID"
