@@ -126,7 +126,8 @@ def processes_of(job_id: str) -> list[int]:
 
 def start_flow(repo: Repo, name: str, *args: str) -> tuple[subprocess.Popen, Path, object]:
     """`python -m flows.pipeline run --slurm` in the repository, as a user starts it; returns the
-    process, its output file and its flow run (found by `name`, its experiment name) once it exists."""
+    process, its output file and its flow run once it exists, found by `name`, given as its
+    experiment name (which a run without --set only records)."""
     out = repo.path.parent / f"{name}.out"
     env = {**repo.env, "PREFECT_API_URL": PREFECT_API_URL.value(),
            "PREFECT_API_AUTH_STRING": os.environ["PREFECT_API_AUTH_STRING"]}
