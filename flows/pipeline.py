@@ -99,8 +99,6 @@ from flows.dvc_commands import (
 from flows.processes import KILL_GRACE_S
 from flows.slurm_job import JobLog, SlurmJob, show_job, tag_run
 from flows.summary import TrainProgress, publish_metrics, publish_summary
-from stages.params import PARAMS_FILE, load_params
-from stages.slurm import cancel, exit_status, follow, job_settings, submit
 from unite.config import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -214,6 +212,11 @@ def run_slurm_job(repo_dir: str, target: str | None, job: SlurmJob, env: dict[st
     followed until it has left the queue; returns what DVC did with each planned stage. A failed
     job fails the task. When the flow run is cancelled (or the task stopped) the job is cancelled
     and waited for, so training writes its checkpoint; the task then ends Cancelled."""
+    # Imported here, not with the module: in a DVC repository whose own `stages.py` comes first on
+    # sys.path (Prefect loads the flow from the repository), the flow still runs its stages locally.
+    from stages.params import PARAMS_FILE, load_params
+    from stages.slurm import cancel, exit_status, follow, job_settings, submit
+
     logger = get_run_logger()
     root = Path(repo_dir)
     try:
