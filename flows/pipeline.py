@@ -220,7 +220,7 @@ def run_slurm_job(repo_dir: str, target: str | None, job: SlurmJob, env: dict[st
     logger = get_run_logger()
     root = Path(repo_dir)
     try:
-        settings = job_settings(load_params(root / PARAMS_FILE), job.overrides())
+        settings = job_settings(load_params(root / PARAMS_FILE), job.model_dump())
     except ConfigError as error:
         raise ConfigError(f"{error}; fix it in {root / PARAMS_FILE} or in the flow's `slurm` parameter") from None
     job_id, log_path = submit(settings, ["repro", *([target] if target else [])], root, env)

@@ -12,7 +12,6 @@ import re
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 from prefect import get_client
 from prefect.artifacts import create_markdown_artifact
@@ -46,9 +45,6 @@ class SlurmJob(BaseModel):
     partition: str | None = Field(None, description="partition")
     signal_seconds: int | None = Field(None, description="the time-limit warning comes this long before it")
     max_requeues: int | None = Field(None, description="requeues at the time limit before the job gives up")
-
-    def overrides(self) -> dict[str, Any]:
-        return self.model_dump()
 
 
 class JobLog:
