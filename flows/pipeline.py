@@ -43,6 +43,15 @@ One training run per node
     Evaluation-only runs take no slot (unless started while a stage of the workspace holds DVC's
     lock) and retry on the lock as before.
 
+Slurm
+    With `slurm` set (`--slurm [KEY=VALUE ...]`, or `{"slurm": {"nodes": 2}}` as a deployment's
+    parameter) the stages run as one Slurm job, the one `python -m stages.slurm submit` submits:
+    node 0 runs `dvc repro [target]` in this checkout, which the nodes must share. The flow logs
+    the job's states and log, shows its id (artifact `unite-slurm-job`, tag `slurm-job-<id>`),
+    fails when the job fails, and on Cancel scancels the job and waits until it has left the
+    queue (training writes its checkpoint). It takes no training slot: Slurm schedules the nodes.
+    Params, experiment and artifacts are as in a local run (`flows.slurm_job`).
+
 Retries
     Only transient failures are retried (`retries`, `retry_delay_s`): DVC's repository lock was
     held, or a process was killed (`flows.dvc_commands.TransientDvcError`). Any other failure, and
@@ -50,6 +59,7 @@ Retries
 
 CLI
     python -m flows.pipeline run [--target evaluate] [--set train.lr=0.001 ...] [--exp-name N]
+                                 [--slurm [nodes=2 time=24:00:00 ...]]
     python -m flows.pipeline serve --cron "0 3 * * *" [--name unite-nightly] [--target ...]
 """
 
@@ -73,6 +83,7 @@ from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.runtime import flow_run
 from prefect.states import Cancelled, State
 from prefect.tasks import Task
+from pydantic import ValidationError
 
 from flows.dvc_commands import (
     ParamValue,
@@ -86,13 +97,19 @@ from flows.dvc_commands import (
     untracked,
 )
 from flows.processes import KILL_GRACE_S
+from flows.slurm_job import JobLog, SlurmJob, show_job, tag_run
 from flows.summary import TrainProgress, publish_metrics, publish_summary
+from unite.config import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FLOW_NAME = "unite-pipeline"
 TRAIN_STAGE = "train"  # its metrics file (dvc.yaml) holds the latest log row, kept current while it runs
 TRAIN_LIMIT = "unite-train-{host}"  # the Prefect concurrency limit that queues training on one node
 CANCEL_POLL_S = 2.0  # how often a running stage, or a run queued for its training slot, asks if it was cancelled
+
+
+class SlurmJobFailed(RuntimeError):
+    """The pipeline's Slurm job ended without completing; the message holds its log's last lines."""
 
 
 class RunCancelled(Exception):
@@ -186,6 +203,67 @@ def run_stage(stage: str, repo_dir: str, env: dict[str, str], kill_grace_s: floa
     result = StageResult(stage, output.outcome, round(time.monotonic() - start, 1))
     logger.info("stage %r: %s in %.1f s", stage, result.outcome, result.seconds)
     return result
+
+
+@task(name="slurm-job", task_run_name="slurm job", **_TASK_OPTIONS)
+def run_slurm_job(repo_dir: str, target: str | None, job: SlurmJob, env: dict[str, str],
+                  plan: list[PlannedStage]) -> list[StageResult] | State[Any]:
+    """`dvc repro [target]` as one Slurm job, the one `python -m stages.slurm submit` submits,
+    followed until it has left the queue; returns what DVC did with each planned stage. A failed
+    job fails the task. When the flow run is cancelled (or the task stopped) the job is cancelled
+    and waited for, so training writes its checkpoint; the task then ends Cancelled."""
+    # Imported here, not with the module: in a DVC repository whose own `stages.py` comes first on
+    # sys.path (Prefect loads the flow from the repository), the flow still runs its stages locally.
+    from stages.params import PARAMS_FILE, load_params
+    from stages.slurm import cancel, exit_status, follow, job_settings, submit
+
+    logger = get_run_logger()
+    root = Path(repo_dir)
+    try:
+        settings = job_settings(load_params(root / PARAMS_FILE), job.model_dump())
+    except ConfigError as error:
+        raise ConfigError(f"{error}; fix it in {root / PARAMS_FILE} or in the flow's `slurm` parameter") from None
+    job_id, log_path = submit(settings, ["repro", *([target] if target else [])], root, env)
+    logger.info("submitted Slurm job %s; log: %s", job_id, log_path)
+    tag_run(job_id)
+    states: list[str] = []
+    host = socket.gethostname()
+
+    def on_state(state: str) -> None:
+        states.append(state)
+        logger.info("Slurm job %s: %s", job_id, state)
+        show_job(job_id, log_path, states, host)
+
+    log = JobLog(log_path, logger.info, time.monotonic)
+    progress_file = next((f for f in map(_progress_file, plan) if f), None)
+    progress = TrainProgress(root, progress_file) if progress_file else None
+    cancelled = CancelCheck(CANCEL_POLL_S)
+
+    def tick() -> None:
+        log.read()
+        if progress is not None:
+            progress.update()
+        cancelled()
+
+    try:
+        state, status = follow(job_id, on_state, tick)
+    except RunCancelled as exc:
+        logger.warning("cancelling Slurm job %s (%s); waiting until it has left the queue", job_id, exc)
+        cancel(job_id, on_state)
+        log.read()
+        return Cancelled(message=f"Slurm job {job_id} cancelled: {exc}")
+    except BaseException:  # a timeout, the runner's SIGTERM, Ctrl-C: the job must not outlive the run
+        logger.warning("cancelling Slurm job %s; waiting until it has left the queue", job_id)
+        cancel(job_id, on_state)
+        raise
+    log.read()
+    if progress is not None:
+        progress.update(force=True)
+    if exit_status(state, status) != 0:
+        tail = "\n".join(log.tail)
+        raise SlurmJobFailed(f"Slurm job {job_id} ended {state} with exit status {status}; its log, "
+                             f"{log_path}, ends:\n{tail}")
+    return log.results(plan, time.monotonic())
 
 
 @task(name="save-experiment", **_TASK_OPTIONS)
@@ -293,14 +371,17 @@ def pipeline(
     stage_timeout_s: float | None = None,
     kill_grace_s: float = KILL_GRACE_S,
     train_limit: str | None = None,
+    slurm: SlurmJob | None = None,
 ) -> dict[str, dict[str, Any]] | State[Any]:
     """Run the DVC stages up to `target` (all by default), then publish metrics and grids.
 
     `params` are `dvc exp run -S` overrides ({"train.lr": 0.001}); with them the run is saved as
     DVC experiment `exp_name` (default: this flow run's name). A run that may train first waits
     for the node's training slot, the Prefect concurrency limit `train_limit` (default
-    `unite-train-<host name>`), and holds it until its experiment is saved. Returns the metrics
-    per file, or a Cancelled state once the run is cancelled.
+    `unite-train-<host name>`), and holds it until its experiment is saved. With `slurm` set
+    (`{}`: params.yaml's `slurm` section) the stages run as one Slurm job instead, and the run
+    takes no training slot: Slurm schedules the nodes. Returns the metrics per file, or a
+    Cancelled state once the run is cancelled.
     """
     root = str(Path(repo_dir).resolve() if repo_dir else REPO_ROOT)
     options: dict[str, Any] = dict(retries=retries, retry_delay_seconds=retry_delay_s)
@@ -309,22 +390,29 @@ def pipeline(
     name = None
     cancelled = CancelCheck()
     try:
-        plan = plan_stages.with_options(**options)(root, target, kill_grace_s, check_changed=True)
+        # What is out of date only matters for the training slot, which a Slurm run does not take.
+        plan = plan_stages.with_options(**options)(root, target, kill_grace_s, check_changed=slurm is None)
         slot = train_limit or TRAIN_LIMIT.format(host=socket.gethostname())
-        with training_slot(slot, cancelled) if may_train(plan, params or {}) else nullcontext():
+        trains_here = slurm is None and may_train(plan, params or {})
+        with training_slot(slot, cancelled) if trains_here else nullcontext():
             if params:  # before planning again: a `matrix:` over a params list changes the stages
                 cancelled()
                 name = exp_name or str(flow_run.get_name())
                 overrides = set_params.with_options(**options)(root, params, name)
                 env["DVC_EXP_NAME"] = name
                 plan = plan_stages.with_options(**options)(root, target, kill_grace_s)
-            stage_task = run_stage.with_options(**options, timeout_seconds=stage_timeout_s)
-            results: list[StageResult] = []
-            for stage in plan:
-                result = stage_task(stage.name, root, env, kill_grace_s, _progress_file(stage))
-                if isinstance(result, State):  # the stage was stopped: the run was cancelled
-                    return result
-                results.append(result)
+            if slurm is not None:
+                results = run_slurm_job.with_options(**options)(root, target, slurm, env, plan)
+                if isinstance(results, State):  # the job was cancelled: the run was cancelled
+                    return results
+            else:
+                results = []
+                stage_task = run_stage.with_options(**options, timeout_seconds=stage_timeout_s)
+                for stage in plan:
+                    result = stage_task(stage.name, root, env, kill_grace_s, _progress_file(stage))
+                    if isinstance(result, State):  # the stage was stopped: the run was cancelled
+                        return result
+                    results.append(result)
             if name is not None:
                 cancelled()
                 save_experiment.with_options(**options)(root, name, plan, kill_grace_s)
@@ -340,12 +428,12 @@ def pipeline(
 # ---------------------------------------------------------------- CLI
 
 
-def _parse_set(items: Sequence[str]) -> dict[str, ParamValue]:
+def _parse_pairs(items: Sequence[str], option: str) -> dict[str, ParamValue]:
     params: dict[str, ParamValue] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise SystemExit(f"--set expects KEY=VALUE as `dvc exp run -S` does, got {item!r}")
+            raise SystemExit(f"{option} expects KEY=VALUE, got {item!r}")
         params[key] = value
     return params
 
@@ -363,15 +451,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--retries", type=int, default=2, help="retries of a transient failure")
         p.add_argument("--retry-delay", type=float, default=60.0, help="seconds between retries")
         p.add_argument("--stage-timeout", type=float, help="seconds before a stage is stopped")
+        p.add_argument("--slurm", nargs="*", metavar="KEY=VALUE",
+                       help="run the stages as one Slurm job, its size from params.yaml's slurm section "
+                            "or KEY=VALUE (nodes=2 time=24:00:00 ...)")
     run_p.add_argument("--exp-name", help="DVC experiment name when --set is given")
     serve_p.add_argument("--cron", default="0 3 * * *", help="cron schedule (default: %(default)s)")
     serve_p.add_argument("--name", default="unite-nightly", help="deployment name")
     args = parser.parse_args(argv)
 
     kwargs: dict[str, Any] = dict(
-        target=args.target, params=_parse_set(args.set) or None, repo_dir=args.repo,
+        target=args.target, params=_parse_pairs(args.set, "--set") or None, repo_dir=args.repo,
         retries=args.retries, retry_delay_s=args.retry_delay, stage_timeout_s=args.stage_timeout,
     )
+    if args.slurm is not None:
+        try:
+            kwargs["slurm"] = SlurmJob(**_parse_pairs(args.slurm, "--slurm"))
+        except ValidationError as error:
+            raise SystemExit(f"--slurm: {error}") from None
     if args.command == "serve":
         # limit=1: two DVC runs in one workspace would only fight over the repository lock.
         pipeline.serve(name=args.name, cron=args.cron, parameters=kwargs, limit=1)

@@ -18,12 +18,14 @@ SIGTERM once: training writes its checkpoint, and Slurm kills what is left after
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -108,14 +110,15 @@ status=0
 wait "$dvc_pid" || status=$?
 if [ "$status" -ne 0 ] && [ "$time_up" = 1 ]; then
     # The requeue would kill a step still writing its checkpoint: wait for every step to end.
-    while squeue -h -s -j "$SLURM_JOB_ID" -o %i | grep -qv -e '\.batch$' -e '\.extern$'; do sleep 1; done
+    while squeue -h -s -j "$SLURM_JOB_ID" -o %i | grep -qv -e '\\.batch$' -e '\\.extern$'; do sleep 1; done
     if [ "$restarts" -lt {max_requeues} ]; then
         echo "unite: requeue $((restarts + 1)) of at most {max_requeues} (slurm.max_requeues): the next run resumes"
         scontrol requeue "$SLURM_JOB_ID"
         exit 0
     fi
-    echo "unite: error: the time limit was reached after {max_requeues} requeues (slurm.max_requeues);" \\
-         "submit again to resume, with a longer --time or a larger --max-requeues" >&2
+    echo "unite: error: the time limit was reached after {max_requeues} requeues (slurm.max_requeues), the" \\
+         "bound: no further requeue. Training's checkpoint is kept: submit again to resume from it, with a" \\
+         "longer --time or a larger --max-requeues" >&2
 fi
 if [ "$status" -ne 0 ]; then
     echo "unite: error: \\`{shlex.join(['dvc', *dvc_args])}\\` failed with exit status $status" >&2
@@ -135,39 +138,60 @@ def job_state(job_id: str) -> tuple[str, int]:
     return fields["JobState"], int(fields.get("ExitCode", "0:0").split(":")[0])
 
 
-def wait_for(job_id: str) -> int:
-    """Wait until the job has ended and left the queue; 0 if it completed, else its exit status
-    (1 when it had none). Ctrl-C or SIGTERM cancels the job and still waits for its processes, so
-    that training writes its checkpoint; a second Ctrl-C stops waiting."""
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    cancelled = False
+def follow(job_id: str, on_state: Callable[[str], None], tick: Callable[[], None] | None = None) -> tuple[str, int]:
+    """Poll the job until it has ended and left the queue (squeue no longer lists it); `on_state` gets
+    each new state, `tick` runs at every poll and stops following by raising. Returns the last
+    state and exit status."""
     last = None
-    try:
-        while True:
-            try:
-                state, status = job_state(job_id)
-                if state != last:
-                    print(f"unite: job {job_id}: {state}", flush=True)
-                    last = state
-                if state not in ACTIVE_STATES:
-                    break
-                time.sleep(POLL_S)
-            except KeyboardInterrupt:
-                if cancelled:
-                    raise
-                cancelled = True
-                print(f"unite: cancelling job {job_id}; waiting for its processes (training writes its "
-                      "checkpoint; Ctrl-C again to stop waiting)", file=sys.stderr, flush=True)
-                subprocess.run(["scancel", job_id], check=False)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    if cancelled:
-        return 130
+    while True:
+        if tick is not None:
+            tick()
+        state, status = job_state(job_id)
+        if state != last:
+            on_state(state)
+            last = state
+        if state not in ACTIVE_STATES:
+            return state, status
+        time.sleep(POLL_S)
+
+
+def exit_status(state: str, status: int) -> int:
+    """0 for a completed job, else its exit status (1 when it had none)."""
     return 0 if state == "COMPLETED" else status or 1
 
 
-def submit(settings: dict[str, Any], dvc_args: list[str], root: Path) -> tuple[str, Path]:
-    """Write the batch script under .dvc/tmp/slurm and sbatch it; returns the job id and its log."""
+def cancel(job_id: str, on_state: Callable[[str], None]) -> str:
+    """scancel the job (every process gets SIGTERM once: training writes its checkpoint; Slurm kills
+    what is left after its KillWait) and wait until it has left the queue; returns its last state."""
+    subprocess.run(["scancel", job_id], check=False)
+    return follow(job_id, on_state)[0]
+
+
+def wait_for(job_id: str) -> int:
+    """Wait until the job has ended and left the queue; returns its `exit_status`. Ctrl-C or
+    SIGTERM cancels the job and still waits for its processes, so that training writes its
+    checkpoint; a second Ctrl-C stops waiting."""
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+    def report(state: str) -> None:
+        print(f"unite: job {job_id}: {state}", flush=True)
+
+    try:
+        try:
+            return exit_status(*follow(job_id, report))
+        except KeyboardInterrupt:
+            print(f"unite: cancelling job {job_id}; waiting for its processes (training writes its "
+                  "checkpoint; Ctrl-C again to stop waiting)", file=sys.stderr, flush=True)
+            cancel(job_id, report)
+            return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def submit(settings: dict[str, Any], dvc_args: list[str], root: Path,
+           env: Mapping[str, str] | None = None) -> tuple[str, Path]:
+    """Write the batch script under .dvc/tmp/slurm and sbatch it, with `env` added to this process's
+    environment (which the job inherits); returns the job id and its log."""
     sbatch = _require("sbatch")
     folder = root / JOB_FOLDER
     folder.mkdir(parents=True, exist_ok=True)
@@ -175,7 +199,8 @@ def submit(settings: dict[str, Any], dvc_args: list[str], root: Path) -> tuple[s
     script = folder / f"job-{stamp}.sh"
     log = folder / f"job-{stamp}.log"
     script.write_text(batch_script(settings, dvc_args, log, root))
-    submitted = subprocess.run([sbatch, "--parsable", str(script)], capture_output=True, text=True)
+    submitted = subprocess.run([sbatch, "--parsable", str(script)], capture_output=True, text=True,
+                               env={**os.environ, **(env or {})})
     if submitted.returncode != 0:
         raise SlurmError(f"sbatch {script} failed: {submitted.stderr.strip()}; fix the slurm section of "
                          f"{PARAMS_FILE} or the command line's options")

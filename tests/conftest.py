@@ -1,19 +1,32 @@
-"""Shared test helpers: the reference fixture location, small model configs, and a checkpoint
-store of each test module's own."""
+"""Shared test helpers: the reference fixture location, small model configs, a checkpoint store
+of each test module's own, and a Prefect server for the modules that run flows."""
 
 from __future__ import annotations
 
+import atexit
+import os
+import secrets
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-import torch
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["DO_NOT_TRACK"] = "1"
+os.environ["DVC_NO_ANALYTICS"] = "1"
+if "PREFECT_HOME" not in os.environ:  # keep the user's ~/.prefect untouched
+    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="prefect-home-")
+    atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
 
-from stages.train import STORE_ENV
-from unite.config import ModelConfig, model_config
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from stages.train import STORE_ENV  # noqa: E402
+from unite.config import ModelConfig, model_config  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 PARITY_FIXTURE = FIXTURES / "unite_parity_a.pt"
+API_AUTH = f"unite-test-{secrets.token_urlsafe(16)}"
 
 # scripts/test runs the suite on two pytest-xdist workers (`--dist loadgroup`). Each module's tests
 # stay on one worker, so that its module fixtures (a pipeline run, a Prefect server, a Slurm
@@ -41,6 +54,27 @@ def checkpoint_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(STORE_ENV, str(store))
         yield store
+
+
+@pytest.fixture(scope="module")
+def harness() -> Iterator[None]:
+    """A temporary Prefect server for the module that asks for it (~12 s to start), and only while
+    it runs: the events client's websocket keepalive pings draw from the global `random`
+    generator, which would break the bit-exact RNG checks of the training tests that run later in
+    the same process.
+
+    The server requires an API auth string, as the README's cluster setup runs it: this process
+    and every command the tests start send it (PREFECT_API_AUTH_STRING in their environment)."""
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_SERVER_API_AUTH_STRING, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with (
+        pytest.MonkeyPatch.context() as patch,
+        temporary_settings(updates={PREFECT_SERVER_API_AUTH_STRING: API_AUTH, PREFECT_API_AUTH_STRING: API_AUTH}),
+    ):
+        patch.setenv("PREFECT_API_AUTH_STRING", API_AUTH)
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
 
 
 @pytest.fixture(scope="session")

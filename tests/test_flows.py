@@ -1,42 +1,32 @@
 """The Prefect flow against a Prefect test server and throw-away DVC repositories.
 
-One module-scoped `prefect_test_harness` that requires an API auth string (it takes ~12 s to
-start); each test copies a git+DVC template repository and writes its own trivial stages
+The module-scoped Prefect server of tests/conftest.py (`harness`), which requires an API auth
+string; each test copies a git+DVC template repository and writes its own trivial stages
 (`stages.py <name>`).
 """
 
 from __future__ import annotations
 
-import atexit
 import json
 import logging
 import os
-import secrets
 import shlex
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-os.environ["DO_NOT_TRACK"] = "1"
-os.environ["DVC_NO_ANALYTICS"] = "1"
-if "PREFECT_HOME" not in os.environ:  # keep the user's ~/.prefect untouched
-    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="prefect-home-")
-    atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
-
-import pytest  # noqa: E402
-import yaml  # noqa: E402
-from prefect import get_client  # noqa: E402
-from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate  # noqa: E402
-from prefect.client.schemas.filters import (  # noqa: E402
+import pytest
+import yaml
+from prefect import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.client.schemas.filters import (
     ArtifactFilter,
     ArtifactFilterKey,
     FlowRunFilter,
@@ -44,26 +34,24 @@ from prefect.client.schemas.filters import (  # noqa: E402
     LogFilter,
     LogFilterFlowRunId,
 )
-from prefect.client.schemas.objects import TaskRun  # noqa: E402
-from prefect.concurrency.sync import concurrency  # noqa: E402
-from prefect.deployments import run_deployment  # noqa: E402
-from prefect.exceptions import PrefectHTTPStatusError  # noqa: E402
-from prefect.logging.handlers import APILogWorker  # noqa: E402
-from prefect.settings import (  # noqa: E402
+from prefect.client.schemas.objects import TaskRun
+from prefect.concurrency.sync import concurrency
+from prefect.deployments import run_deployment
+from prefect.exceptions import PrefectHTTPStatusError
+from prefect.logging.handlers import APILogWorker
+from prefect.settings import (
     PREFECT_API_AUTH_STRING,
     PREFECT_API_URL,
-    PREFECT_SERVER_API_AUTH_STRING,
     temporary_settings,
 )
-from prefect.states import Cancelling  # noqa: E402
-from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+from prefect.states import Cancelling
 
-from stages.preset import merge_params  # noqa: E402
-from stages.rehearse import copy_files  # noqa: E402
-from flows.dvc_commands import LOCK_MESSAGE, DvcError, PlannedStage  # noqa: E402
-from flows.pipeline import may_train, pipeline  # noqa: E402
-from flows.processes import _terminal_line  # noqa: E402
-from flows.summary import METRICS_KEY, PROGRESS_KEY, SUMMARY_KEY  # noqa: E402
+from stages.preset import merge_params
+from stages.rehearse import copy_files
+from flows.dvc_commands import LOCK_MESSAGE, DvcError, PlannedStage
+from flows.pipeline import may_train, pipeline
+from flows.processes import _terminal_line
+from flows.summary import METRICS_KEY, PROGRESS_KEY, SUMMARY_KEY
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = shlex.quote(sys.executable)
@@ -193,28 +181,9 @@ def _git(repo: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout
 
 
-API_AUTH = f"unite-test-{secrets.token_urlsafe(16)}"
-
 # A stage that records the SIGTERM it gets (as training does, writing its checkpoint) and leaves a
 # child `sleep` in its process group.
 RECORDS_SIGTERM = "trap 'echo TERM > term.txt; exit 143' TERM; sleep 300 & echo $! > child.pid; wait"
-
-
-@pytest.fixture(scope="module")
-def harness() -> Iterator[None]:
-    """A temporary Prefect server for this module only: while it runs, the events client's
-    websocket keepalive pings draw from the global `random` generator, which would break the
-    bit-exact RNG checks of the training tests that run later in the same process.
-
-    The server requires an API auth string, as the README's cluster setup runs it: this process
-    and every command the tests start send it (PREFECT_API_AUTH_STRING in their environment)."""
-    with (
-        pytest.MonkeyPatch.context() as patch,
-        temporary_settings(updates={PREFECT_SERVER_API_AUTH_STRING: API_AUTH, PREFECT_API_AUTH_STRING: API_AUTH}),
-    ):
-        patch.setenv("PREFECT_API_AUTH_STRING", API_AUTH)
-        with prefect_test_harness(server_startup_timeout=120):
-            yield
 
 
 @pytest.fixture(scope="session")

@@ -1,13 +1,16 @@
 """The pipeline as a Slurm job on a real one-host Slurm cluster (scripts/slurm-local, which installs
 Debian's Slurm when it is missing), in a temporary copy of the repository with the shrunk demo
 params: a job whose two tasks stand in for two nodes, failing ranks, Ctrl-C of `submit --wait`
-(which cancels the job), and the time-limit warning that checkpoints, requeues and resumes."""
+(which cancels the job), the time-limit warning that checkpoints, requeues and resumes, and stops
+requeueing at slurm.max_requeues, and the Prefect flow that submits its run as a job (against
+conftest's Prefect server) and cancels it."""
 
 from __future__ import annotations
 
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,9 +20,20 @@ import pytest
 import torch
 import yaml
 
+from prefect import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.sorting import ArtifactSort
+from prefect.exceptions import ObjectNotFound
+from prefect.settings import PREFECT_API_URL
+from prefect.states import Cancelling
+
+from flows.pipeline import TRAIN_LIMIT
+from flows.slurm_job import JOB_KEY, JOB_TAG
+from flows.summary import METRICS_KEY, SUMMARY_KEY
 from stages.preset import merge_params
 from stages.rehearse import copy_files
 from stages.train import STORE_ENV
+from test_flows import _artifacts, _logs, _wait_until
 from test_pipeline import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,6 +123,54 @@ def processes_of(job_id: str) -> list[int]:
     return found
 
 
+def start_flow(repo: Repo, name: str, *args: str) -> tuple[subprocess.Popen, Path, object]:
+    """`python -m flows.pipeline run --slurm` in the repository, as a user starts it; returns the
+    process, its output file and its flow run once it exists, found by `name`, given as its
+    experiment name (which a run without --set only records)."""
+    out = repo.path.parent / f"{name}.out"
+    env = {**repo.env, "PREFECT_API_URL": PREFECT_API_URL.value(),
+           "PREFECT_API_AUTH_STRING": os.environ["PREFECT_API_AUTH_STRING"]}
+    with open(out, "wb") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "flows.pipeline", "run", "--repo", str(repo.path), "--retries", "0", "--slurm",
+             "--exp-name", name, *args], cwd=repo.path, env=env, stdout=output, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    found = []
+
+    def created() -> bool:
+        with get_client(sync_client=True) as client:
+            found[:] = [r for r in client.read_flow_runs() if r.parameters.get("exp_name") == name]
+        assert process.poll() is None or found, out.read_text()
+        return bool(found)
+
+    assert _wait_until(created, 120, every=0.5), out.read_text()
+    return process, out, found[0]
+
+
+def job_of_flow(flow_run_id) -> str:
+    """The job id the flow run is tagged with."""
+    with get_client(sync_client=True) as client:
+        tags = client.read_flow_run(flow_run_id).tags
+    prefix = JOB_TAG.format(job_id="")
+    (job_id,) = [tag.removeprefix(prefix) for tag in tags if tag.startswith(prefix)]
+    return job_id
+
+
+def job_artifact(flow_run_id) -> str:
+    """The latest version of the flow run's job artifact."""
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[JOB_KEY])),
+                                      flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+                                      sort=ArtifactSort.CREATED_DESC)
+    return found[0].data
+
+
+def job_log_of_flow(flow_run_id, job_id: str) -> str:
+    """The job's log, whose path the flow run logs when it submits the job."""
+    submitted = next(line for line in _logs(flow_run_id) if line.startswith(f"submitted Slurm job {job_id}; log: "))
+    return Path(submitted.split("; log: ")[1]).read_text()
+
+
 def weights(path: Path) -> dict[str, torch.Tensor]:
     state = torch.load(path, map_location="cpu", weights_only=False)
     return {f"{part}.{name}": tensor for part in ("model", "ema") for name, tensor in state[part].items()}
@@ -194,6 +256,89 @@ def test_the_time_limit_warning_checkpoints_requeues_and_resumes(repo):
     for name, tensor in repo.uninterrupted.items():
         assert torch.equal(resumed[name], tensor), name
     assert repo.run("dvc", "status", "--quiet").returncode == 0
+    assert repo.queue() == "" and processes_of(job_id) == []
+
+
+def test_a_flow_run_with_slurm_runs_as_a_job_and_publishes_its_results(repo, harness):
+    """A change to a stage that does not train (fid_ref's batch size) and the flow's `--slurm`: the
+    job, not the flow's process, runs DVC; the run shows the job and completes with the summary of
+    a local run; dvc.lock records the stage; the job has left the queue."""
+    repo.set_params({"fid_ref": {"batch_size": 50}})
+    flow, out, flow_run = start_flow(repo, "slurm-fid-ref", "--target", "fid_ref")
+    assert flow.wait(timeout=900) == 0, out.read_text()
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(flow_run.id).state.is_completed()
+    job_id = job_of_flow(flow_run.id)
+    logs = _logs(flow_run.id)
+    job_log = job_log_of_flow(flow_run.id, job_id)
+    assert f"unite: job {job_id}, run 1," in job_log and "Running stage 'fid_ref'" in job_log
+    states = [line.split(": ")[1] for line in logs if line.startswith(f"Slurm job {job_id}: ")]
+    assert "RUNNING" in states and states[-1] == "COMPLETED", states
+    assert "Running stage 'fid_ref':" in logs  # the job's log, streamed to the run's
+    artifacts = _artifacts(flow_run.id)
+    assert job_artifact(flow_run.id).startswith(f"# Slurm job {job_id}: COMPLETED")
+    assert "| fid_ref | ran |" in artifacts[SUMMARY_KEY]
+    assert "metrics/shard.json" in {row["file"] for row in artifacts[METRICS_KEY]}  # fid_ref's upstream
+    lock = yaml.safe_load((repo.path / "dvc.lock").read_text())
+    assert lock["stages"]["fid_ref"]["params"]["params.yaml"]["fid_ref"]["batch_size"] == 50
+    assert repo.queue() == "" and processes_of(job_id) == []
+
+
+def test_cancel_of_a_slurm_flow_run_cancels_the_job_after_training_checkpoints(repo, harness):
+    """A flow run that trains in Slurm takes no training slot of the submitting node; Cancel (as
+    the UI sets it) scancels the job and the run ends Cancelled once the job has left the queue,
+    every process ended, training's checkpoint written, dvc.lock untouched."""
+    lock = (repo.path / "dvc.lock").read_bytes()
+    repo.forget_training()
+    good = yaml.safe_load((repo.path / "params.yaml").read_text())["train"]["max_steps"]
+    repo.set_params({"train": {"max_steps": 1000}})  # runs until cancelled, however fast the machine
+    flow, out, flow_run = start_flow(repo, "slurm-cancelled", "--target", "train")
+    try:
+        while not repo.checkpoints():
+            assert flow.poll() is None, out.read_text()
+            time.sleep(0.05)
+        job_id = job_of_flow(flow_run.id)
+        with get_client(sync_client=True) as client:
+            try:
+                slot = client.read_global_concurrency_limit_by_name(TRAIN_LIMIT.format(host=socket.gethostname()))
+                assert slot.active_slots == 0, slot
+            except ObjectNotFound:
+                pass
+            client.set_flow_run_state(flow_run.id, Cancelling())
+        assert flow.wait(timeout=300) == 1, out.read_text()
+    finally:
+        if flow.poll() is None:
+            os.killpg(flow.pid, signal.SIGKILL)
+        repo.set_params({"train": {"max_steps": good}})
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(flow_run.id).state
+    assert state.is_cancelled(), (state, out.read_text())
+    assert repo.queue() == "" and processes_of(job_id) == []
+    assert any(line.startswith(f"cancelling Slurm job {job_id}") for line in _logs(flow_run.id))
+    job_log = job_log_of_flow(flow_run.id, job_id)
+    stopped = re.search(r"SIGTERM received; finished step (\d+), wrote (\S+)\.", job_log)
+    assert stopped and int(stopped[1]) < 1000 and (repo.path / stopped[2]).is_file(), job_log
+    assert (repo.path / "dvc.lock").read_bytes() == lock
+
+
+def test_the_time_limit_warning_past_max_requeues_ends_the_job_and_keeps_the_checkpoint(repo):
+    """With `--max-requeues 0` the first warning is past the bound: no requeue, the job fails with
+    a message that says so and how to go on, training's checkpoint stays, dvc.lock untouched."""
+    lock = (repo.path / "dvc.lock").read_bytes()
+    repo.forget_training()
+    submitted = repo.submit("--max-requeues", "0", "--", "repro", "--force", "--single-item", "train")
+    job_id, log = job_of(submitted)
+    wait_for_checkpoint(repo, submitted)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], env=repo.env, check=True)
+    returncode, out = finish(submitted)
+    text = log.read_text()
+    assert returncode != 0, out + text
+    stopped = re.search(r"SIGTERM received; finished step (\d+), wrote (\S+)\.", text)
+    assert stopped and int(stopped[1]) < 12 and (repo.path / stopped[2]).is_file(), text
+    assert ("unite: error: the time limit was reached after 0 requeues (slurm.max_requeues), the bound: no "
+            "further requeue. Training's checkpoint is kept: submit again to resume from it") in text
+    assert "unite: requeue" not in text and f"unite: job {job_id}, run 2," not in text
+    assert (repo.path / "dvc.lock").read_bytes() == lock
     assert repo.queue() == "" and processes_of(job_id) == []
 
 
