@@ -1,7 +1,7 @@
 """The pipeline as a Slurm job on a real one-host Slurm cluster (scripts/slurm-local, which installs
 Debian's Slurm when it is missing), in a temporary copy of the repository with the shrunk demo
-params: a job whose two tasks stand in for two nodes, failing ranks, Ctrl-C of `submit --wait`
-(which cancels the job), the time-limit warning that checkpoints, requeues and resumes, and stops
+params: a job whose two tasks stand in for two nodes, failing ranks, a job cancelled by `scancel` or
+by Ctrl-C of `submit --wait`, the time-limit warning that checkpoints, requeues and resumes, and stops
 requeueing at slurm.max_requeues, and the Prefect flow that submits its run as a job (against
 conftest's Prefect server) and cancels it."""
 
@@ -222,15 +222,21 @@ def test_failing_ranks_fail_the_job_and_leave_dvc_lock_alone(repo):
     assert repo.queue() == "" and processes_of(job_id) == []
 
 
-def test_ctrl_c_of_submit_cancels_the_job_after_training_checkpoints(repo):
+@pytest.mark.parametrize("stop", ["ctrl-c of submit", "scancel"])
+def test_a_cancelled_job_ends_every_process_after_training_checkpoints(repo, stop):
+    """Ctrl-C of `submit --wait` scancels the job; a user's own `scancel` of it ends `submit` too."""
     lock = (repo.path / "dvc.lock").read_bytes()
     repo.forget_training()
     submitted = repo.submit("--", "repro", "--force", "--single-item", "train")
     job_id, log = job_of(submitted)
     wait_for_checkpoint(repo, submitted)
-    submitted.send_signal(signal.SIGINT)
+    if stop == "scancel":
+        subprocess.run(["scancel", job_id], env=repo.env, check=True)
+    else:
+        submitted.send_signal(signal.SIGINT)
     returncode, out = finish(submitted)
-    assert returncode == 130, out
+    assert returncode == (130 if stop == "ctrl-c of submit" else 1), out
+    assert f"unite: job {job_id}: CANCELLED" in out
     assert repo.queue() == "" and processes_of(job_id) == []
     stopped = re.search(r"SIGTERM received; finished step (\d+), wrote (\S+)\.", log.read_text())
     assert stopped and int(stopped[1]) < 12 and (repo.path / stopped[2]).is_file(), log.read_text()
