@@ -22,7 +22,7 @@ KILL_GRACE_S = 10.0
 POLL_S = 0.2
 
 
-def _terminal_line(raw: bytes) -> str:
+def terminal_line(raw: bytes) -> str:
     """What a terminal would show for one output line: the text after the last carriage return."""
     segments = [s for s in raw.decode("utf-8", "replace").rstrip("\r\n").split("\r") if s]
     return segments[-1] if segments else ""
@@ -30,7 +30,7 @@ def _terminal_line(raw: bytes) -> str:
 
 def _pump(stream: IO[bytes], lines: queue.Queue[str | None]) -> None:
     for raw in iter(stream.readline, b""):
-        lines.put(_terminal_line(raw))
+        lines.put(terminal_line(raw))
     lines.put(None)
 
 

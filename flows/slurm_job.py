@@ -19,7 +19,7 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows.dvc_commands import PlannedStage, StageResult
-from flows.processes import _terminal_line
+from flows.processes import terminal_line
 
 JOB_KEY = "unite-slurm-job"
 JOB_TAG = "slurm-job-{job_id}"
@@ -69,7 +69,7 @@ class JobLog:
         self.offset += len(data)
         *lines, self.partial = (self.partial + data).split(b"\n")
         for raw in lines:
-            line = _terminal_line(raw)
+            line = terminal_line(raw)
             if not line.strip():
                 continue
             self.on_line(line)

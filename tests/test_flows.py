@@ -50,7 +50,7 @@ from stages.preset import merge_params
 from stages.rehearse import copy_files
 from flows.dvc_commands import LOCK_MESSAGE, DvcError, PlannedStage
 from flows.pipeline import may_train, pipeline
-from flows.processes import _terminal_line
+from flows.processes import terminal_line
 from flows.summary import METRICS_KEY, PROGRESS_KEY, SUMMARY_KEY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -264,8 +264,8 @@ def _wait_until(condition: Callable[[], bool], seconds: float, every: float = 0.
 
 
 def test_terminal_line_keeps_last_progress_state() -> None:
-    assert _terminal_line(b"step 1\r step 2\rstep 3\r\n") == "step 3"
-    assert _terminal_line("caf\u00e9\n".encode()) == "caf\u00e9"
+    assert terminal_line(b"step 1\r step 2\rstep 3\r\n") == "step 3"
+    assert terminal_line("caf\u00e9\n".encode()) == "caf\u00e9"
 
 
 def test_which_runs_may_train() -> None:
