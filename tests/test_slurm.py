@@ -1,9 +1,9 @@
 """The pipeline as a Slurm job on a real one-host Slurm cluster (scripts/slurm-local, which installs
 Debian's Slurm when it is missing), in a temporary copy of the repository with the shrunk demo
-params: a job whose two tasks stand in for two nodes, failing ranks, a job cancelled by `scancel` or
-by Ctrl-C of `submit --wait`, the time-limit warning that checkpoints, requeues and resumes, and stops
-requeueing at slurm.max_requeues, and the Prefect flow that submits its run as a job (against
-conftest's Prefect server) and cancels it."""
+params: a job whose two tasks stand in for two nodes, failing ranks, a job cancelled by `scancel`
+or by Ctrl-C of `submit --wait`, the time-limit warning that checkpoints, requeues and resumes, and
+stops requeueing at slurm.max_requeues, Slurm's own warning before a one-minute limit, and the
+Prefect flow that submits its run as a job (against conftest's Prefect server) and cancels it."""
 
 from __future__ import annotations
 
@@ -345,6 +345,30 @@ def test_the_time_limit_warning_past_max_requeues_ends_the_job_and_keeps_the_che
             "further requeue. Training's checkpoint is kept: submit again to resume from it") in text
     assert "unite: requeue" not in text and f"unite: job {job_id}, run 2," not in text
     assert (repo.path / "dvc.lock").read_bytes() == lock
+    assert repo.queue() == "" and processes_of(job_id) == []
+
+
+def test_slurms_own_time_limit_warning_reaches_the_batch_script_before_the_limit(repo):
+    """The other time-limit tests send the warning themselves; here Slurm sends it, from the job's
+    `#SBATCH --signal` line: a one-minute job warned 60 s before its limit, whose stage (a pipeline
+    of its own in a subfolder, which sleeps) would outlive it. Slurm checks its time limits about
+    every 30 s, so the warning comes within a minute; the job then ends by the script's bound of 0
+    requeues, before the limit, not killed at it (state TIMEOUT)."""
+    pipeline = repo.path / "sleeper"
+    pipeline.mkdir()
+    (pipeline / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"sleep": {"cmd": "sleep 600"}}}))
+    try:
+        submitted = repo.submit("--time", "0:01:00", "--signal-seconds", "60", "--max-requeues", "0", "--",
+                                "repro", "sleeper/dvc.yaml")
+        job_id, log = job_of(submitted)
+        returncode, out = finish(submitted)
+    finally:
+        subprocess.run(["rm", "-rf", pipeline], check=True)
+    text = log.read_text()
+    assert returncode != 0, out + text
+    assert "unite: the time limit is near: the job's steps get SIGTERM" in text, out + text
+    assert "unite: error: the time limit was reached after 0 requeues (slurm.max_requeues)" in text
+    assert f"unite: job {job_id}: FAILED" in out and "TIMEOUT" not in out
     assert repo.queue() == "" and processes_of(job_id) == []
 
 
