@@ -92,9 +92,12 @@ def _check_wide_point(key: str, point: Any) -> None:
 
 def _check_sweep_kid(sweep: dict[str, Any], evaluate: dict[str, Any]) -> None:
     """KID subsets that the images the search scores can fill: the sweep's own, or evaluate's under
-    the reference protocol (unite.evaluation.EvaluationProtocol.search_images)."""
-    key = "evaluate.num_images" if evaluate["protocol"] == "reference" else "sweep.num_images"
-    count = evaluate["num_images"] if evaluate["protocol"] == "reference" else sweep["num_images"]
+    the reference protocol."""
+    from unite.evaluation import EvaluationProtocol  # the protocol's rule, read only for a search by KID
+
+    protocol = EvaluationProtocol.named(evaluate["protocol"])
+    key = f"{'evaluate' if protocol.search_on_reported else 'sweep'}.num_images"
+    count = protocol.search_images({"sweep": sweep, "evaluate": evaluate})["num_images"]
     if sweep["kid_subsets"] < 1 or not 2 <= sweep["kid_subset_size"] <= count:
         raise ConfigError(
             f"sweep.kid_subsets={sweep['kid_subsets']}, sweep.kid_subset_size={sweep['kid_subset_size']} with "
