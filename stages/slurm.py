@@ -12,7 +12,10 @@ fail the stage, and requeues the job, at most `max_requeues` times (SLURM_RESTAR
 them; each requeue is logged). The requeued job runs the same DVC command, which resumes training.
 
 Cancel: `scancel` (or Ctrl-C of `submit --wait`, or SIGTERM to it) sends every process of the job
-SIGTERM once: training writes its checkpoint, and Slurm kills what is left after its KillWait.
+SIGTERM once: training writes its checkpoint, and Slurm kills what is left after its KillWait. DVC
+runs as `python -m stages.slurm dvc ...`, which leaves SIGTERM to its stage and ends when the stage
+does: killed outright, DVC could be halfway through rewriting .dvc/tmp/rwlock (as it does the moment
+a stage ends) and leave it empty, which stops every later DVC command in the checkout.
 """
 
 from __future__ import annotations
@@ -84,7 +87,7 @@ def batch_script(settings: dict[str, Any], dvc_args: list[str], log: Path, root:
     if settings["partition"]:
         options.append(f"--partition={settings['partition']}")
     options += [str(arg) for arg in settings["sbatch_args"]]
-    dvc = shlex.join([sys.executable, "-m", "dvc", *dvc_args])
+    dvc = shlex.join([sys.executable, "-m", "stages.slurm", "dvc", *dvc_args])
     max_requeues = settings["max_requeues"]
     header = "\n".join(f"#SBATCH {option}" for option in options)
     return f"""#!/bin/bash
@@ -95,19 +98,57 @@ export {SRUN_ENV}=1 PYTHONUNBUFFERED=1
 restarts=${{SLURM_RESTART_COUNT:-0}}
 echo "unite: job $SLURM_JOB_ID, run $((restarts + 1)), on $SLURM_JOB_NODELIST, $(date -Is)"
 time_up=0
+stage_processes() {{
+    # What DVC runs, all the way down (its shell may fork, as dash does), but not srun: srun turns
+    # a SIGTERM of its own into a SIGKILL of its step, whose workers scancel signals instead.
+    local pid
+    for pid in $(pgrep -P "$1"); do
+        [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = srun ] && continue
+        echo "$pid"
+        stage_processes "$pid"
+    done
+    return 0
+}}
 on_time_limit() {{
     time_up=1
     echo "unite: the time limit is near: the job's steps get SIGTERM (training writes its checkpoint)"
     scancel --signal=TERM "$SLURM_JOB_ID" || true  # the steps: train, sweep and evaluate's workers
-    pkill -TERM -P "$dvc_pid" || true  # the stage that DVC runs (a launcher waits for its workers)
+    kill -TERM $(stage_processes "$dvc_pid") 2>/dev/null || true  # the stage (a launcher waits for its workers)
+}}
+cancelled=0
+signalled=" "
+on_cancel() {{
+    # Slurm has sent SIGTERM to every process of the job; DVC leaves it to its stage and ends after it.
+    cancelled=1
+    for pid in $(stage_processes "$dvc_pid"); do signalled="$signalled$pid "; done
+    echo "unite: cancelled: the stage gets SIGTERM (training writes its checkpoint); DVC ends after it"
 }}
 {dvc} &
 dvc_pid=$!
 trap on_time_limit USR1
-# A trapped signal interrupts `wait`: wait again until DVC has exited, then take its status.
-while kill -0 "$dvc_pid" 2>/dev/null; do wait "$dvc_pid" || true; done
+trap on_cancel TERM
+# A trapped signal interrupts `wait`: wait again until DVC has exited, then take its status. Once
+# cancelled, a stage that DVC starts after the cancel (it finished the last one meanwhile) gets
+# SIGTERM too.
+while kill -0 "$dvc_pid" 2>/dev/null; do
+    if [ "$cancelled" = 1 ]; then
+        for pid in $(stage_processes "$dvc_pid"); do
+            case "$signalled" in
+                *" $pid "*) ;;
+                *) kill -TERM "$pid" 2>/dev/null || true; signalled="$signalled$pid " ;;
+            esac
+        done
+        sleep 1
+    else
+        wait "$dvc_pid" || true
+    fi
+done
 status=0
 wait "$dvc_pid" || status=$?
+if [ "$cancelled" = 1 ]; then
+    echo "unite: cancelled; \`{shlex.join(['dvc', *dvc_args])}\` ended with exit status $status" >&2
+    exit "$status"
+fi
 if [ "$status" -ne 0 ] && [ "$time_up" = 1 ]; then
     # The requeue would kill a step still writing its checkpoint: wait for every step to end.
     while squeue -h -s -j "$SLURM_JOB_ID" -o %i | grep -qv -e '\\.batch$' -e '\\.extern$'; do sleep 1; done
@@ -156,8 +197,11 @@ def follow(job_id: str, on_state: Callable[[str], None], tick: Callable[[], None
 
 
 def exit_status(state: str, status: int) -> int:
-    """0 for a completed job, else its exit status (1 when it had none)."""
-    return 0 if state == "COMPLETED" else status or 1
+    """0 for a completed job, 1 for a cancelled one (whatever DVC's status as its stage was
+    stopped), else its exit status (1 when it had none)."""
+    if state == "COMPLETED":
+        return 0
+    return 1 if state == "CANCELLED" else status or 1
 
 
 def cancel(job_id: str, on_state: Callable[[str], None]) -> str:
@@ -207,6 +251,17 @@ def submit(settings: dict[str, Any], dvc_args: list[str], root: Path,
     return submitted.stdout.strip().split(";")[0], log
 
 
+def run_dvc(dvc_args: list[str]) -> int:
+    """DVC as the batch script runs it: Slurm's SIGTERM, which every process of a cancelled job gets,
+    is left to the stage that DVC runs, so that DVC ends after its stage and releases its locks
+    instead of being killed halfway through rewriting them. Its stages start with SIGTERM's default
+    action (a Python handler does not outlive exec)."""
+    from dvc.cli import main as dvc_main
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    return dvc_main(dvc_args)
+
+
 def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m stages.slurm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -223,10 +278,15 @@ def arguments() -> argparse.ArgumentParser:
     sub.add_argument("--wait", action="store_true", help="wait for the job to end; exit with its status")
     sub.add_argument("dvc_args", nargs="*", metavar="-- DVC COMMAND",
                      help="what node 0 runs, after `--` (default: repro), e.g. -- exp run -n big")
+    dvc = commands.add_parser("dvc", help="run DVC as the batch script does: SIGTERM is left to its stage")
+    dvc.add_argument("dvc_args", nargs=argparse.REMAINDER, metavar="DVC COMMAND")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["dvc"]:  # every argument after it is DVC's, options included
+        return run_dvc(argv[1:])
     args = arguments().parse_args(argv)
     root = Path.cwd()
     try:

@@ -21,8 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("unite", "stages", "flows")
 # `data.source: "unite.data.loaders:shard_loader"`: modules named in strings are imported at run time.
 MODULE_STRING = re.compile(r"^((?:%s)(?:\.\w+)+):\w+$" % "|".join(PACKAGES))
-# stages/params.py imports the trainer only inside the train section's check (see below).
+# stages/params.py imports code only inside the checks of the sections that need it: a stage runs
+# a function's imports only when it reads the function's section (STAGE_SECTIONS).
 PARAMS_MODULE = Path("stages/params.py")
+PARAMS_FUNCTION_SECTIONS = {"train_config": "train", "_check_train": "train", "_check_sweep_kid": "sweep"}
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 # Declared but not given: data/raw orders manifest after demo_data (the folder it lists is the param manifest.root).
 NOT_GIVEN = {("manifest", Path("data/raw"))}
@@ -40,15 +42,16 @@ def _is_type_checking(node: ast.AST) -> bool:
     return isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
 
 
-def imported_names(path: Path, in_functions: bool = True) -> set[str]:
-    """Modules an in-repo file imports (at the top, and inside functions if `in_functions`) or
-    names as 'module:attribute'; `if TYPE_CHECKING:` blocks never run."""
+def imported_names(path: Path, skip_functions: frozenset[str] = frozenset()) -> set[str]:
+    """Modules an in-repo file imports (at the top, and inside functions other than `skip_functions`)
+    or names as 'module:attribute'; `if TYPE_CHECKING:` blocks never run."""
     names = set()
     package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
     pending = list(ast.parse(path.read_text()).body)
     while pending:
         node = pending.pop()
-        if _is_type_checking(node) or (not in_functions and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))):
+        if _is_type_checking(node) or (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                                       and node.name in skip_functions):
             continue
         pending.extend(ast.iter_child_nodes(node))
         if isinstance(node, ast.Import):
@@ -65,10 +68,11 @@ def imported_names(path: Path, in_functions: bool = True) -> set[str]:
     return {n for n in names if n.split(".")[0] in PACKAGES}
 
 
-def modules_run_by(*modules: str, params_in_functions: bool = False) -> set[Path]:
+def modules_run_by(*modules: str, sections: tuple[str, ...] = ()) -> set[Path]:
     """The in-repo files executed by `python -m module`: its imports, transitively, with every
-    package __init__ on the way. The imports inside stages/params.py's functions are followed only
-    with `params_in_functions` (they load the trainer to check the train section)."""
+    package __init__ on the way. Of stages/params.py's functions that import, only those of the
+    params `sections` the stage reads are followed."""
+    skipped = frozenset(name for name, section in PARAMS_FUNCTION_SECTIONS.items() if section not in sections)
     seen: set[Path] = set()
     pending = list(modules)
     while pending:
@@ -77,8 +81,8 @@ def modules_run_by(*modules: str, params_in_functions: bool = False) -> set[Path
             path = module_file(".".join(parts[:depth]))
             if path is not None and path not in seen:
                 seen.add(path)
-                in_functions = params_in_functions or path.relative_to(ROOT) != PARAMS_MODULE
-                pending.extend(imported_names(path, in_functions))
+                is_params = path.relative_to(ROOT) == PARAMS_MODULE
+                pending.extend(imported_names(path, skipped if is_params else frozenset()))
     return {p.relative_to(ROOT) for p in seen}
 
 
@@ -96,7 +100,7 @@ def test_every_module_a_stage_runs_is_a_dependency(stage: str) -> None:
     modules = stage_modules(stage, spec["cmd"])
     assert modules, f"{stage}: cmd {spec['cmd']!r} runs no `-m module` this test can follow"
     deps = [Path(dep) for dep in spec.get("deps", [])]
-    ran = modules_run_by(*modules, params_in_functions="train" in STAGE_SECTIONS.get(stage, ()))
+    ran = modules_run_by(*modules, sections=STAGE_SECTIONS.get(stage, ()))
     missing = sorted(str(f) for f in ran if not any(f == d or d in f.parents for d in deps))
     assert not missing, f"dvc.yaml stage {stage} runs these files but does not depend on them: {missing}"
 
@@ -123,9 +127,22 @@ def test_the_import_walk_follows_lazy_imports_and_module_strings() -> None:
     assert Path("unite/perceptual.py") in modules_run_by("unite.model")
     assert Path("unite/data/loaders.py") in modules_run_by("stages.train")
     assert Path("unite/data/__init__.py") in modules_run_by("unite.data.loaders")
-    # The trainer is reached through params.py only where the train section is read.
-    assert Path("unite/train_config.py") not in modules_run_by("stages.shard")
-    assert Path("unite/train_config.py") in modules_run_by("stages.shard", params_in_functions=True)
+    # The trainer is reached through params.py only where the train section is read, the evaluation
+    # code only where the sweep section is.
+    assert Path("unite/train_config.py") not in modules_run_by("stages.shard", sections=("manifest", "shard"))
+    assert Path("unite/train_config.py") in modules_run_by("stages.shard", sections=("train",))
+    assert Path("unite/evaluation.py") not in modules_run_by("stages.params", sections=("train",))
+    assert Path("unite/evaluation.py") in modules_run_by("stages.params", sections=("sweep",))
+
+
+def test_every_function_of_params_that_imports_names_its_section() -> None:
+    """A new lazy import in stages/params.py must say which section's check runs it, or the walk
+    above would follow it for every stage or for none."""
+    tree = ast.parse((ROOT / PARAMS_MODULE).read_text())
+    importing = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)
+                 and any(isinstance(inner, (ast.Import, ast.ImportFrom)) for inner in ast.walk(node))}
+    assert importing == set(PARAMS_FUNCTION_SECTIONS)
+    assert set(PARAMS_FUNCTION_SECTIONS.values()) <= {s for sections in STAGE_SECTIONS.values() for s in sections}
 
 
 def declared(spec: dict, *keys: str) -> set[Path]:

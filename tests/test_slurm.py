@@ -7,6 +7,7 @@ Prefect flow that submits its run as a job (against conftest's Prefect server) a
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -37,6 +38,7 @@ from test_flows import _artifacts, _logs, _wait_until
 from test_pipeline import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
+RWLOCK = Path(".dvc/tmp/rwlock")  # DVC's record of which running command reads and writes which path
 pytestmark = pytest.mark.slow
 
 # Two torchrun launchers of one process each on the one node: a world of two ranks, as two nodes
@@ -104,20 +106,28 @@ def finish(submitted: subprocess.Popen) -> tuple[int, str]:
     return submitted.returncode, out
 
 
-def wait_for_checkpoint(repo: Repo, submitted: subprocess.Popen) -> None:
+def wait_for_checkpoint(repo: Repo, submitted: subprocess.Popen, log: Path) -> None:
     """Until training wrote its first checkpoint (it is then mid-run)."""
     while not repo.checkpoints():
-        assert submitted.poll() is None, submitted.stdout.read()
+        assert submitted.poll() is None, submitted.stdout.read() + log.read_text()
         time.sleep(0.05)
 
 
-def processes_of(job_id: str) -> list[int]:
-    """Processes that Slurm started for the job (its environment names it)."""
+def dvc_locks_left(repo: Repo) -> dict[str, int]:
+    """How many paths DVC's record says its running commands read and write; none once a cancelled
+    job's DVC ended after its stage. Killed, it leaves its entries (or an empty file when it was
+    rewriting them, and every later DVC command in the checkout then fails)."""
+    return {mode: len(paths) for mode, paths in json.loads((repo.path / RWLOCK).read_text()).items()}
+
+
+def processes_of(job_id: str) -> list[str]:
+    """Processes that Slurm started for the job (its environment names it), as 'pid: command line'."""
     found = []
     for environ in Path("/proc").glob("[0-9]*/environ"):
         try:
             if f"SLURM_JOB_ID={job_id}\0".encode() in environ.read_bytes():
-                found.append(int(environ.parent.name))
+                command = (environ.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                found.append(f"{environ.parent.name}: {command.strip()}")
         except OSError:
             continue
     return found
@@ -229,7 +239,7 @@ def test_a_cancelled_job_ends_every_process_after_training_checkpoints(repo, sto
     repo.forget_training()
     submitted = repo.submit("--", "repro", "--force", "--single-item", "train")
     job_id, log = job_of(submitted)
-    wait_for_checkpoint(repo, submitted)
+    wait_for_checkpoint(repo, submitted, log)
     if stop == "scancel":
         subprocess.run(["scancel", job_id], env=repo.env, check=True)
     else:
@@ -238,9 +248,12 @@ def test_a_cancelled_job_ends_every_process_after_training_checkpoints(repo, sto
     assert returncode == (130 if stop == "ctrl-c of submit" else 1), out
     assert f"unite: job {job_id}: CANCELLED" in out
     assert repo.queue() == "" and processes_of(job_id) == []
-    stopped = re.search(r"SIGTERM received; finished step (\d+), wrote (\S+)\.", log.read_text())
-    assert stopped and int(stopped[1]) < 12 and (repo.path / stopped[2]).is_file(), log.read_text()
+    text = log.read_text()
+    stopped = re.search(r"SIGTERM received; finished step (\d+), wrote (\S+)\.", text)
+    assert stopped and int(stopped[1]) < 12 and (repo.path / stopped[2]).is_file(), text
+    assert "unite: cancelled; `dvc repro --force --single-item train` ended with exit status" in text, text
     assert (repo.path / "dvc.lock").read_bytes() == lock
+    assert dvc_locks_left(repo) == {}
 
 
 def test_the_time_limit_warning_checkpoints_requeues_and_resumes(repo):
@@ -249,7 +262,7 @@ def test_the_time_limit_warning_checkpoints_requeues_and_resumes(repo):
     repo.forget_training()
     submitted = repo.submit("--", "repro", "--force", "--downstream", "train")  # train and what follows it
     job_id, log = job_of(submitted)
-    wait_for_checkpoint(repo, submitted)
+    wait_for_checkpoint(repo, submitted, log)
     subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], env=repo.env, check=True)
     returncode, out = finish(submitted)
     text = log.read_text()
@@ -325,6 +338,7 @@ def test_cancel_of_a_slurm_flow_run_cancels_the_job_after_training_checkpoints(r
     stopped = re.search(r"SIGTERM received; finished step (\d+), wrote (\S+)\.", job_log)
     assert stopped and int(stopped[1]) < 1000 and (repo.path / stopped[2]).is_file(), job_log
     assert (repo.path / "dvc.lock").read_bytes() == lock
+    assert dvc_locks_left(repo) == {}
 
 
 def test_the_time_limit_warning_past_max_requeues_ends_the_job_and_keeps_the_checkpoint(repo):
@@ -334,7 +348,7 @@ def test_the_time_limit_warning_past_max_requeues_ends_the_job_and_keeps_the_che
     repo.forget_training()
     submitted = repo.submit("--max-requeues", "0", "--", "repro", "--force", "--single-item", "train")
     job_id, log = job_of(submitted)
-    wait_for_checkpoint(repo, submitted)
+    wait_for_checkpoint(repo, submitted, log)
     subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], env=repo.env, check=True)
     returncode, out = finish(submitted)
     text = log.read_text()
@@ -353,10 +367,12 @@ def test_slurms_own_time_limit_warning_reaches_the_batch_script_before_the_limit
     `#SBATCH --signal` line: a one-minute job warned 60 s before its limit, whose stage (a pipeline
     of its own in a subfolder, which sleeps) would outlive it. Slurm checks its time limits about
     every 30 s, so the warning comes within a minute; the job then ends by the script's bound of 0
-    requeues, before the limit, not killed at it (state TIMEOUT)."""
+    requeues, before the limit, not killed at it (state TIMEOUT). The stage's shell forks its
+    commands (a list, as dash does even for one command): the sleep gets SIGTERM too, and no
+    process outlives the job."""
     pipeline = repo.path / "sleeper"
     pipeline.mkdir()
-    (pipeline / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"sleep": {"cmd": "sleep 600"}}}))
+    (pipeline / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"sleep": {"cmd": "sleep 600 && echo slept"}}}))
     try:
         submitted = repo.submit("--time", "0:01:00", "--signal-seconds", "60", "--max-requeues", "0", "--",
                                 "repro", "sleeper/dvc.yaml")
