@@ -146,7 +146,7 @@ done
 status=0
 wait "$dvc_pid" || status=$?
 if [ "$cancelled" = 1 ]; then
-    echo "unite: cancelled; \`{shlex.join(['dvc', *dvc_args])}\` ended with exit status $status" >&2
+    echo "unite: cancelled; \\`{shlex.join(['dvc', *dvc_args])}\\` ended with exit status $status" >&2
     exit "$status"
 fi
 if [ "$status" -ne 0 ] && [ "$time_up" = 1 ]; then

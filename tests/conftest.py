@@ -28,20 +28,36 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 PARITY_FIXTURE = FIXTURES / "unite_parity_a.pt"
 API_AUTH = f"unite-test-{secrets.token_urlsafe(16)}"
 
-# scripts/test runs the suite on two pytest-xdist workers (`--dist loadgroup`). Each module's tests
-# stay on one worker, so that its module fixtures (a pipeline run, a Prefect server, a Slurm
-# cluster) are built once, except in these modules, whose tests are long and their fixtures cheap.
+# scripts/test runs the suite on two pytest-xdist workers. Each module's tests stay on one worker,
+# in their order, so that its module fixtures (a pipeline run, a Prefect server, a Slurm cluster)
+# are built once and its tests find the state the earlier ones left, except in these modules, whose
+# tests are long, independent and their fixtures cheap.
 SPREAD_ACROSS_WORKERS = {"test_rehearsal.py", "test_dry_run.py"}
 # The longest modules first, so that the two workers finish together (`--no-loadscope-reorder`).
 LONGEST_FIRST = ["test_rehearsal.py", "test_pipeline.py", "test_flows.py", "test_slurm.py", "test_dry_run.py",
                  "test_reference.py", "test_launch.py", "test_fid_cli.py"]
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def work_unit(nodeid: str) -> str:
+    """What xdist hands one worker as a whole: the test's module, or the test itself in the modules
+    spread across workers."""
+    module = nodeid.split("::", 1)[0]
+    return nodeid if Path(module).name in SPREAD_ACROSS_WORKERS else module
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """xdist's scope scheduler with `work_unit` as the scope. (Its `--dist loadgroup` marks do not
+    group under pytest 9.2, which no longer reads the node id that xdist 3.8 rewrites.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return ModuleScheduling(config, log)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if item.path.name not in SPREAD_ACROSS_WORKERS:
-            item.add_marker(pytest.mark.xdist_group(item.path.name))
     rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each module keeps its order
 
