@@ -215,7 +215,9 @@ def wait_for(job_id: str) -> int:
     """Wait until the job has ended and left the queue; returns its `exit_status`. Ctrl-C or
     SIGTERM cancels the job and still waits for its processes, so that training writes its
     checkpoint; a second Ctrl-C stops waiting."""
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # Ctrl-C cancels even where this process was started with SIGINT ignored (a parent's choice).
+    previous = {number: signal.signal(number, signal.default_int_handler)
+                for number in (signal.SIGINT, signal.SIGTERM)}
 
     def report(state: str) -> None:
         print(f"unite: job {job_id}: {state}", flush=True)
@@ -229,7 +231,8 @@ def wait_for(job_id: str) -> int:
             cancel(job_id, report)
             return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def submit(settings: dict[str, Any], dvc_args: list[str], root: Path,
